@@ -1,0 +1,31 @@
+"""Low-precision numerics: block floating point, exact wire codec, low-precision optimizer.
+
+Three ideas, as in QPyTorch: a number format (``BlockFloat``), a quantizer (``quantize`` for
+values, ``encode``/``QuantizedTensor`` for codes, ``attach_quantizers`` for activations and
+errors) and an optimizer wrapper (``LowPrecisionOptimizer``).
+"""
+
+from .codec import QuantizedTensor, decode, encode
+from .fake_quant import Quantizer, attach_quantizers, quantize_flow
+from .format import FP32, BlockFloat
+from .optimizer import LowPrecisionOptimizer
+from .precision import TrainingPrecision
+from .quantizer import block_exponents, quantize, quantize_, quantize_codes, torch_backend
+
+__all__ = [
+    "FP32",
+    "BlockFloat",
+    "LowPrecisionOptimizer",
+    "QuantizedTensor",
+    "Quantizer",
+    "TrainingPrecision",
+    "attach_quantizers",
+    "block_exponents",
+    "decode",
+    "encode",
+    "quantize",
+    "quantize_",
+    "quantize_codes",
+    "quantize_flow",
+    "torch_backend",
+]

@@ -1,0 +1,137 @@
+"""Low-precision optimizer: quantized gradients, weights and state around any torch optimizer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from .codec import QuantizedTensor, encode
+from .format import BlockFloat
+from .quantizer import quantize_
+
+#: Optimizer state that divides the update (Adam/AdamW, RMSprop, Adagrad): kept as sqrt, rounded up.
+SECOND_MOMENT_STATE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
+
+
+class LowPrecisionOptimizer:
+    """Wraps a torch optimizer (SGD, Adam, AdamW, ...) so training never keeps a float32 copy.
+
+    ``step()`` quantizes each gradient, runs the wrapped optimizer, then quantizes each weight and
+    every floating-point state tensor (momentum, exp_avg, exp_avg_sq, ...) in place. Step counters
+    stay as they are. Like QPyTorch's ``OptimLP``, with optimizer state quantized too.
+
+    Second-moment state (Adam's ``exp_avg_sq``, ...) divides the update, so rounding a small entry
+    to zero turns a tiny gradient into a step of ``lr * m / eps``: it diverges within a few hundred
+    steps at 8 bits. It is therefore stored as its square root, rounded up, on the state grid.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        weight: BlockFloat,
+        grad: BlockFloat,
+        state: BlockFloat,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.optimizer = optimizer
+        self.weight_fmt = weight
+        self.grad_fmt = grad
+        self.state_fmt = state
+        self.generator = generator
+        self.quantize_weights()
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The wrapped optimizer's parameter groups."""
+        return self.optimizer.param_groups
+
+    def _params(self) -> Iterator[torch.nn.Parameter]:
+        for group in self.optimizer.param_groups:
+            yield from group["params"]
+
+    @torch.no_grad()
+    def quantize_weights(self) -> None:
+        """Put every parameter onto the weight grid (done at construction and after each step)."""
+        for p in self._params():
+            quantize_(p.data, self.weight_fmt, self.generator)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One low-precision step: w <- Q_w(step(w, Q_g(grad))), state <- Q_s(state)."""
+        for p in self._params():
+            if p.grad is not None:
+                quantize_(p.grad, self.grad_fmt, self.generator)
+        loss = self.optimizer.step(closure)
+        self.quantize_weights()
+        if self.state_fmt.enabled:
+            for p in self._params():
+                for name, value in self.optimizer.state.get(p, {}).items():
+                    if _is_quantizable_state(name, value):
+                        self._quantize_state(name, value)
+        return loss
+
+    def _quantize_state(self, name: str, value: torch.Tensor) -> None:
+        if name in SECOND_MOMENT_STATE:
+            root = quantize_(value.sqrt(), _with_rounding(self.state_fmt, "up"))
+            value.copy_(root.square_())
+        else:
+            quantize_(value, self.state_fmt, self.generator)
+
+    def export_state(self) -> dict[str, QuantizedTensor | torch.Tensor]:
+        """Optimizer state keyed ``"<param index>.<name>"``: quantized tensors in BFP codes."""
+        exported: dict[str, QuantizedTensor | torch.Tensor] = {}
+        for index, p in enumerate(self._params()):
+            for name, value in self.optimizer.state.get(p, {}).items():
+                if not isinstance(value, torch.Tensor):
+                    value = torch.tensor(value)
+                key = f"{index}.{name}"
+                if self.state_fmt.enabled and _is_quantizable_state(name, value):
+                    stored = value.sqrt() if name in SECOND_MOMENT_STATE else value
+                    exported[key] = encode(stored, _with_rounding(self.state_fmt, "nearest"))
+                else:
+                    exported[key] = value.detach().clone()
+        return exported
+
+    def import_state(self, exported: dict[str, QuantizedTensor | torch.Tensor]) -> None:
+        """Restore state written by ``export_state`` (same parameters, same order)."""
+        params = list(self._params())
+        for key, value in exported.items():
+            index_text, name = key.split(".", 1)
+            index = int(index_text)
+            if not 0 <= index < len(params):
+                raise ValueError(
+                    f"optimizer state key {key!r} names parameter {index}, "
+                    f"but the optimizer has {len(params)}"
+                )
+            tensor = value
+            if isinstance(value, QuantizedTensor):
+                tensor = value.decode()
+                if name in SECOND_MOMENT_STATE:
+                    tensor = tensor.square()
+            p = params[index]
+            if name != "step" and tensor.shape != p.shape:
+                raise ValueError(
+                    f"optimizer state {key!r} has shape {tuple(tensor.shape)}, "
+                    f"parameter has {tuple(p.shape)}"
+                )
+            self.optimizer.state[p][name] = tensor.to(p.device).clone()
+
+
+def _is_quantizable_state(name: str, value: object) -> bool:
+    return (
+        name != "step"
+        and isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and value.numel() > 0
+    )
+
+
+def _with_rounding(fmt: BlockFloat, rounding: str) -> BlockFloat:
+    """``fmt`` with another rounding mode (same grid)."""
+    return BlockFloat(fmt.bits, fmt.layout, rounding, fmt.block_size)  # type: ignore[arg-type]

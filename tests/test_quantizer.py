@@ -1,0 +1,151 @@
+"""The block-floating-point quantizer against the formula, on both backends."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from quantization import BlockFloat, quantize, quantize_codes, torch_backend
+from quantization.dither import draw_key, uniform_dither
+from quantization.quantizer import dequantize_codes
+from tests.reference_bfp import reference_quantize
+
+LAYOUTS = [
+    ("tensor", 32),
+    ("channel", 32),
+    ("kernel", 32),
+    ("block", 32),
+    ("block", 7),
+    ("auto", 32),
+]
+BACKENDS = ["numba", "torch"]
+
+
+def _run(backend: str, fn, *args, **kwargs):
+    if backend == "torch":
+        with torch_backend():
+            return fn(*args, **kwargs)
+    return fn(*args, **kwargs)
+
+
+def _bits_of(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout,block_size", LAYOUTS)
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+def test_matches_reference_formula(backend, layout, block_size, bits, rounding):
+    fmt = BlockFloat(bits, layout=layout, rounding=rounding, block_size=block_size)
+    x = torch.randn(6, 5, 3, 3, generator=torch.Generator().manual_seed(bits)) * 4
+    x[1] = 0  # an all-zero channel / kernel
+    dither = uniform_dither(x.numel(), draw_key(torch.Generator().manual_seed(7))).numpy()
+    got = _run(backend, quantize, x, fmt, torch.Generator().manual_seed(7))
+    want, _ = reference_quantize(x, fmt, dither)
+    assert torch.equal(got, torch.from_numpy(want).float())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backends_are_bit_identical(backend):
+    x = torch.randn(300_000, generator=torch.Generator().manual_seed(0))  # parallel kernel path
+    for fmt in [BlockFloat(8), BlockFloat(4, layout="block"), BlockFloat(6, rounding="nearest")]:
+        a = quantize(x, fmt, torch.Generator().manual_seed(3))
+        b = _run(backend, quantize, x, fmt, torch.Generator().manual_seed(3))
+        assert torch.equal(_bits_of(a), _bits_of(b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_magnitudes_and_empty(backend):
+    fmt = BlockFloat(8, layout="block", block_size=4, rounding="nearest")
+    x = torch.tensor([1e-45, 2e-44, 0.0, -1e-40, 3e38, -1e38, 1.0, 0.5, 0, 0, 0, 0])
+    got = _run(backend, quantize, x, fmt)
+    want, exps = reference_quantize(x, fmt)
+    assert torch.equal(got, torch.from_numpy(want).float())
+    assert exps.tolist() == [-128, 127, -128]
+    _, e = _run(backend, quantize_codes, x, fmt)
+    assert e.tolist() == [-128, 127, -128] and e.dtype == torch.int8
+    assert torch.equal(_run(backend, quantize, torch.empty(0, 3), fmt), torch.empty(0, 3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_input_raises(backend, bad):
+    x = torch.ones(100)
+    x[17] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        _run(backend, quantize, x, BlockFloat(8))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest", "up"])
+def test_idempotent_on_the_grid(backend, rounding):
+    fmt = BlockFloat(4, layout="block", block_size=16, rounding=rounding)
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(1))
+    once = _run(backend, quantize, x, fmt, torch.Generator().manual_seed(1))
+    assert (once == once.min()).any()  # blocks whose largest magnitude is a -2^k code occur
+    twice = _run(backend, quantize, once, fmt, torch.Generator().manual_seed(2))
+    assert torch.equal(once, twice)
+
+
+def test_codes_decode_to_fake_quantized_values_bit_for_bit():
+    x = torch.randn(64, 32, 3, 3, generator=torch.Generator().manual_seed(0)) * 1e-3
+    x[0, 0] = -0.0
+    for bits in range(2, 17):
+        fmt = BlockFloat(bits, layout="auto")
+        values = quantize(x, fmt, torch.Generator().manual_seed(bits))
+        codes, exps = quantize_codes(x, fmt, torch.Generator().manual_seed(bits))
+        assert codes.dtype == (torch.int8 if bits <= 8 else torch.int16)
+        assert int(codes.min()) >= fmt.code_min and int(codes.max()) <= fmt.code_max
+        assert torch.equal(_bits_of(values), _bits_of(dequantize_codes(codes, exps, fmt)))
+
+
+def test_same_seed_same_result_different_seed_different():
+    x = torch.randn(10_000, generator=torch.Generator().manual_seed(0))
+    fmt = BlockFloat(4)
+    a = quantize(x, fmt, torch.Generator().manual_seed(5))
+    b = quantize(x, fmt, torch.Generator().manual_seed(5))
+    c = quantize(x, fmt, torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    torch.manual_seed(9)
+    d = quantize(x, fmt)
+    torch.manual_seed(9)
+    assert torch.equal(d, quantize(x, fmt))  # the default generator is seedable too
+
+
+def test_thread_count_does_not_change_results():
+    x = torch.randn(500_000, generator=torch.Generator().manual_seed(0))
+    fmt = BlockFloat(6, layout="block")
+    import numba
+
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = quantize(x, fmt, torch.Generator().manual_seed(1))
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        many = quantize(x, fmt, torch.Generator().manual_seed(1))
+    finally:
+        numba.set_num_threads(before)
+    assert torch.equal(one, many)
+
+
+def test_nearest_error_is_at_most_half_a_step():
+    x = torch.randn(10_000, generator=torch.Generator().manual_seed(0))
+    fmt = BlockFloat(8, rounding="nearest")
+    step = 2.0 ** (int(np.floor(np.log2(float(x.abs().max())))) - 6)
+    assert (quantize(x, fmt) - x).abs().max() <= step / 2
+
+
+def test_non_float32_inputs_keep_their_dtype():
+    x = torch.randn(100, dtype=torch.float64)
+    assert quantize(x, BlockFloat(8)).dtype == torch.float64
+    with pytest.raises(TypeError, match="floating-point"):
+        quantize(torch.ones(4, dtype=torch.int32), BlockFloat(8))
+
+
+def test_full_precision_is_identity():
+    x = torch.randn(10)
+    assert quantize(x, BlockFloat(32)) is x
+    with pytest.raises(ValueError, match="32-bit"):
+        quantize_codes(x, BlockFloat(32))

@@ -13,34 +13,37 @@ import types
 import numpy as np
 from numba import njit, prange
 
-_M32 = np.uint64(0xFFFFFFFF)
-_MUL1 = np.uint64(0x21F0AAAD)
-_MUL2 = np.uint64(0x735A2D97)
-_S15 = np.uint64(15)
-_S16 = np.uint64(16)
+_U32 = np.uint32
 _INV_2_POW_32 = 2.0**-32
 _CHUNK = 16384
 _FLOAT_EXPONENT_ALL_ONES = 0x7F800000
 PARALLEL_MIN_ELEMENTS = 1 << 16
 ROUND_NEAREST, ROUND_STOCHASTIC, ROUND_UP = 0, 1, 2
 
+# Loops index slices from 0 (``for j in range(seg.size)``): numba then drops its negative-index
+# wraparound check and LLVM vectorizes them; indexing ``x[i]`` from a computed start does not.
+
 
 @njit(inline="always")
 def _mix32(h):
-    h = h ^ (h >> _S16)
-    h = (h * _MUL1) & _M32
-    h = h ^ (h >> _S15)
-    h = (h * _MUL2) & _M32
-    return h ^ (h >> _S15)
+    h = _U32(h ^ (h >> _U32(16)))
+    h = _U32(h * _U32(0x21F0AAAD))
+    h = _U32(h ^ (h >> _U32(15)))
+    h = _U32(h * _U32(0x735A2D97))
+    return _U32(h ^ (h >> _U32(15)))
 
 
 @njit(inline="always")
-def _magnitude_key(v):
-    """Bits of |x|, minus one for a negative power of two (which -2^(b-1) codes represent)."""
-    mag = v & 0x7FFFFFFF
-    if v < 0 and (v & 0x7FFFFF) == 0 and mag != 0 and mag < _FLOAT_EXPONENT_ALL_ONES:
-        return mag - 1
-    return mag
+def _segment_key_max(bits):
+    """Max over a slice of float bits of |x|, one less for negative powers of two."""
+    m = np.int32(0)
+    for j in range(bits.size):
+        v = bits[j]
+        mag = v & np.int32(0x7FFFFFFF)
+        biased = mag >> np.int32(23)
+        negative_power_of_two = (v < 0) & ((v & np.int32(0x7FFFFF)) == 0)
+        m = max(m, mag - np.int32(negative_power_of_two & (biased != 0) & (biased != 255)))
+    return m
 
 
 @njit(inline="always")
@@ -52,6 +55,24 @@ def _exponent_of_key(key):
     return -127 if key >= (1 << 22) else -128
 
 
+@njit(inline="always")
+def _round_segment(xs, outs, first, s_in, s_out, lo, hi, mode, k1, k2):
+    """Round one slice that lies inside one block; ``first`` is its flat index (dither counter)."""
+    if mode == ROUND_STOCHASTIC:
+        for j in range(xs.size):
+            h = _mix32(_mix32(_U32(first + j) ^ k1) ^ k2)
+            v = np.floor(np.float64(xs[j]) * s_in + np.float64(h) * _INV_2_POW_32)
+            outs[j] = (min(max(v, lo), hi) + 0.0) * s_out
+    elif mode == ROUND_UP:
+        for j in range(xs.size):
+            v = np.ceil(np.float64(xs[j]) * s_in)
+            outs[j] = (min(max(v, lo), hi) + 0.0) * s_out
+    else:
+        for j in range(xs.size):
+            v = np.rint(np.float64(xs[j]) * s_in)
+            outs[j] = (min(max(v, lo), hi) + 0.0) * s_out
+
+
 def _quantize_flat(bits, x, block_len, nbits, mode, k1, k2, codes_only, out, exps):
     """Quantize flat float32 ``x`` (``bits`` is its int32 view) in blocks of ``block_len``.
 
@@ -60,29 +81,24 @@ def _quantize_flat(bits, x, block_len, nbits, mode, k1, k2, codes_only, out, exp
     """
     n = x.size
     nblocks = exps.size
+    nchunks = (n + _CHUNK - 1) // _CHUNK
     keys = np.zeros(nblocks, dtype=np.int32)
-    if nblocks >= 8:
+    if nblocks >= nchunks:  # many short blocks: one task per block
         for b in prange(nblocks):
-            m = 0
-            for i in range(b * block_len, min(n, (b + 1) * block_len)):
-                m = max(m, _magnitude_key(bits[i]))
-            keys[b] = m
-    else:  # few long blocks: reduce chunks in parallel, then combine
-        nchunks = (n + _CHUNK - 1) // _CHUNK
-        partial = np.zeros(nchunks, dtype=np.int32)
+            keys[b] = _segment_key_max(bits[b * block_len : min(n, (b + 1) * block_len)])
+    else:  # few long blocks: reduce chunk-by-block segments in parallel, then combine
+        seg_max = np.zeros((nchunks, 2), dtype=np.int32)
         for c in prange(nchunks):
-            m = 0
-            for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
-                m = max(m, _magnitude_key(bits[i]))
-            partial[c] = m
+            start, end = c * _CHUNK, min(n, (c + 1) * _CHUNK)
+            split = min(end, max(start, (start // block_len + 1) * block_len))
+            seg_max[c, 0] = _segment_key_max(bits[start:split])
+            seg_max[c, 1] = _segment_key_max(bits[split:end])
         for c in range(nchunks):
-            first = (c * _CHUNK) // block_len
-            last = (min(n, (c + 1) * _CHUNK) - 1) // block_len
-            if first == last:
-                keys[first] = max(keys[first], partial[c])
-            else:  # the chunk straddles blocks
-                for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
-                    keys[i // block_len] = max(keys[i // block_len], _magnitude_key(bits[i]))
+            start, end = c * _CHUNK, min(n, (c + 1) * _CHUNK)
+            first = start // block_len
+            keys[first] = max(keys[first], seg_max[c, 0])
+            if (end - 1) // block_len != first:
+                keys[(end - 1) // block_len] = max(keys[(end - 1) // block_len], seg_max[c, 1])
     if nblocks > 0 and keys.max() >= _FLOAT_EXPONENT_ALL_ONES:
         return False
     inv_step = np.empty(nblocks, dtype=np.float64)
@@ -94,28 +110,18 @@ def _quantize_flat(bits, x, block_len, nbits, mode, k1, k2, codes_only, out, exp
         out_step[b] = 1.0 if codes_only else math.ldexp(1.0, e - nbits + 2)
     lo = -float(1 << (nbits - 1))
     hi = float((1 << (nbits - 1)) - 1)
-    nchunks = (n + _CHUNK - 1) // _CHUNK
-    for c in prange(nchunks):
-        start = c * _CHUNK
-        end = min(n, start + _CHUNK)
-        for b in range(start // block_len, (end - 1) // block_len + 1):
-            i0 = max(start, b * block_len)
-            i1 = min(end, (b + 1) * block_len)
-            s_in = inv_step[b]
-            s_out = out_step[b]
-            if mode == ROUND_STOCHASTIC:
-                for i in range(i0, i1):
-                    h = _mix32(_mix32((np.uint64(i) ^ k1) & _M32) ^ k2)
-                    v = np.floor(np.float64(x[i]) * s_in + np.float64(h) * _INV_2_POW_32)
-                    out[i] = (min(max(v, lo), hi) + 0.0) * s_out
-            elif mode == ROUND_UP:
-                for i in range(i0, i1):
-                    v = np.ceil(np.float64(x[i]) * s_in)
-                    out[i] = (min(max(v, lo), hi) + 0.0) * s_out
-            else:
-                for i in range(i0, i1):
-                    v = np.rint(np.float64(x[i]) * s_in)
-                    out[i] = (min(max(v, lo), hi) + 0.0) * s_out
+    if nblocks >= nchunks:
+        for b in prange(nblocks):
+            i0, i1 = b * block_len, min(n, (b + 1) * block_len)
+            _round_segment(x[i0:i1], out[i0:i1], i0, inv_step[b], out_step[b], lo, hi, mode, k1, k2)
+    else:
+        for c in prange(nchunks):
+            start, end = c * _CHUNK, min(n, (c + 1) * _CHUNK)
+            for b in range(start // block_len, (end - 1) // block_len + 1):
+                i0, i1 = max(start, b * block_len), min(end, (b + 1) * block_len)
+                _round_segment(
+                    x[i0:i1], out[i0:i1], i0, inv_step[b], out_step[b], lo, hi, mode, k1, k2
+                )
     return True
 
 

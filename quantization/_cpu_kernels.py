@@ -1,23 +1,20 @@
 """Fused CPU kernel (numba) for block floating point; the same arithmetic as the torch path.
 
-One call does everything: a parallel pass finds each block's largest magnitude (on the float
-bits, so NaN/inf are caught for free), then per-block exponents and power-of-two steps, then one
-parallel pass scales, dithers, rounds, clamps and writes. ``torch.rand`` alone would cost more.
+One call does everything: a pass finds each block's largest magnitude (on the float bits, so
+NaN/inf are caught for free), then per-block exponents and power-of-two steps, then one pass
+scales, dithers, rounds, clamps and writes. ``torch.rand`` alone would cost more.
 """
 
 from __future__ import annotations
 
 import math
-import types
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 _U32 = np.uint32
 _INV_2_POW_32 = 2.0**-32
-_CHUNK = 16384
 _FLOAT_EXPONENT_ALL_ONES = 0x7F800000
-PARALLEL_MIN_ELEMENTS = 1 << 16
 ROUND_NEAREST, ROUND_STOCHASTIC, ROUND_UP = 0, 1, 2
 
 # Loops index slices from 0 (``for j in range(seg.size)``): numba then drops its negative-index
@@ -81,60 +78,26 @@ def _quantize_flat(bits, x, block_len, nbits, mode, k1, k2, codes_only, out, exp
     """
     n = x.size
     nblocks = exps.size
-    nchunks = (n + _CHUNK - 1) // _CHUNK
     keys = np.zeros(nblocks, dtype=np.int32)
-    if nblocks >= nchunks:  # many short blocks: one task per block
-        for b in prange(nblocks):
-            keys[b] = _segment_key_max(bits[b * block_len : min(n, (b + 1) * block_len)])
-    else:  # few long blocks: reduce chunk-by-block segments in parallel, then combine
-        seg_max = np.zeros((nchunks, 2), dtype=np.int32)
-        for c in prange(nchunks):
-            start, end = c * _CHUNK, min(n, (c + 1) * _CHUNK)
-            split = min(end, max(start, (start // block_len + 1) * block_len))
-            seg_max[c, 0] = _segment_key_max(bits[start:split])
-            seg_max[c, 1] = _segment_key_max(bits[split:end])
-        for c in range(nchunks):
-            start, end = c * _CHUNK, min(n, (c + 1) * _CHUNK)
-            first = start // block_len
-            keys[first] = max(keys[first], seg_max[c, 0])
-            if (end - 1) // block_len != first:
-                keys[(end - 1) // block_len] = max(keys[(end - 1) // block_len], seg_max[c, 1])
+    for b in range(nblocks):
+        keys[b] = _segment_key_max(bits[b * block_len : min(n, (b + 1) * block_len)])
     if nblocks > 0 and keys.max() >= _FLOAT_EXPONENT_ALL_ONES:
         return False
-    inv_step = np.empty(nblocks, dtype=np.float64)
-    out_step = np.empty(nblocks, dtype=np.float64)
-    for b in prange(nblocks):
-        e = _exponent_of_key(keys[b])
-        exps[b] = e
-        inv_step[b] = math.ldexp(1.0, nbits - 2 - e)
-        out_step[b] = 1.0 if codes_only else math.ldexp(1.0, e - nbits + 2)
     lo = -float(1 << (nbits - 1))
     hi = float((1 << (nbits - 1)) - 1)
-    if nblocks >= nchunks:
-        for b in prange(nblocks):
-            i0, i1 = b * block_len, min(n, (b + 1) * block_len)
-            _round_segment(x[i0:i1], out[i0:i1], i0, inv_step[b], out_step[b], lo, hi, mode, k1, k2)
-    else:
-        for c in prange(nchunks):
-            start, end = c * _CHUNK, min(n, (c + 1) * _CHUNK)
-            for b in range(start // block_len, (end - 1) // block_len + 1):
-                i0, i1 = max(start, b * block_len), min(end, (b + 1) * block_len)
-                _round_segment(
-                    x[i0:i1], out[i0:i1], i0, inv_step[b], out_step[b], lo, hi, mode, k1, k2
-                )
+    for b in range(nblocks):
+        e = _exponent_of_key(keys[b])
+        exps[b] = e
+        s_in = math.ldexp(1.0, nbits - 2 - e)
+        s_out = 1.0 if codes_only else math.ldexp(1.0, e - nbits + 2)
+        i0, i1 = b * block_len, min(n, (b + 1) * block_len)
+        _round_segment(x[i0:i1], out[i0:i1], i0, s_in, s_out, lo, hi, mode, k1, k2)
     return True
 
 
-def _compiled(fn, parallel: bool):
-    """A numba-compiled copy of ``fn``; copies get distinct names so their disk caches differ."""
-    variant = "parallel" if parallel else "serial"
-    copy = types.FunctionType(fn.__code__, fn.__globals__, f"{fn.__name__}_{variant}")
-    copy.__qualname__ = copy.__name__
-    return njit(parallel=parallel, cache=True)(copy)
-
-
-_quantize_parallel = _compiled(_quantize_flat, parallel=True)
-_quantize_serial = _compiled(_quantize_flat, parallel=False)
+# Serial on purpose: numba's thread pools (omp, workqueue) fight torch's OpenMP pool for the
+# same cores; measured 10-35x slower training steps on 2 cores. One pass is memory-bound anyway.
+_quantize_kernel = njit(cache=True, nogil=True)(_quantize_flat)
 
 
 def quantize_flat(
@@ -148,8 +111,7 @@ def quantize_flat(
     exps: np.ndarray,
 ) -> bool:
     """Block-quantize contiguous float32 ``x`` into ``out`` and ``exps``; False on NaN/inf."""
-    kernel = _quantize_parallel if x.size >= PARALLEL_MIN_ELEMENTS else _quantize_serial
-    return kernel(
+    return _quantize_kernel(
         x.view(np.int32),
         x,
         block_len,

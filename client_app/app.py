@@ -1,0 +1,130 @@
+"""The ClientApp: receive Q(w_bar), train locally in low precision, upload the quantized model."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from omegaconf import DictConfig
+
+from quantization.wire import FORMAT_SUFFIX, decode_tensors, encode_tensors, specs_of
+from task.config import load_config, resolve_device
+from task.data import client_data
+from task.formats import downlink_format, training_precision, uplink_format
+from task.model import build_configured_model, float_buffer_names
+from task.training import evaluate_model, make_optimizer, train_local
+
+from .state import load_optimizer_state, save_optimizer_state
+
+ARRAYS_KEY = "arrays"
+app = ClientApp()
+
+
+def _partition(cfg: DictConfig, context: Context) -> tuple[int, int]:
+    """(partition id, number of partitions) from the SuperNode's ``--node-config``."""
+    node = context.node_config
+    if "partition-id" not in node:
+        raise ValueError(
+            "this SuperNode has no partition: start it with "
+            "--node-config 'partition-id=<i> num-partitions=<N>'"
+        )
+    return int(node["partition-id"]), int(node.get("num-partitions", cfg.federation.num_clients))
+
+
+def _receive_model(msg: Message, cfg: DictConfig, model: torch.nn.Module) -> None:
+    """Decode and validate the broadcast model, then load it."""
+    content = msg.content
+    state = decode_tensors(
+        content.array_records[ARRAYS_KEY],
+        content.config_records[ARRAYS_KEY + FORMAT_SUFFIX],
+        expected=specs_of(model.state_dict()),
+        bits=downlink_format(cfg.quantization).bits,
+        allow_float=float_buffer_names(model),
+    )
+    model.load_state_dict(state)
+
+
+def _generator(cfg: DictConfig, partition_id: int, server_round: int) -> torch.Generator:
+    return torch.Generator().manual_seed(
+        ((int(cfg.seed) * 100_003 + partition_id) * 10_007 + server_round) & ((1 << 62) - 1)
+    )
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local low-precision training on this client's partition."""
+    started = time.perf_counter()
+    cfg = load_config(context.run_config)
+    torch.set_num_threads(int(cfg.train.threads))
+    partition_id, num_partitions = _partition(cfg, context)
+    config = msg.content.config_records.get("config", {})
+    server_round = int(config.get("server-round", 0))
+    device = resolve_device(cfg)
+    train_data, _ = client_data(cfg, partition_id, num_partitions)
+    model = build_configured_model(cfg)
+    _receive_model(msg, cfg, model)
+    model.to(device)
+    precision = training_precision(cfg.quantization)
+    generator = _generator(cfg, partition_id, server_round)
+    t = cfg.train
+    optimizer = make_optimizer(
+        model, t.optimizer, float(t.lr), precision, generator, t.momentum, t.weight_decay
+    )
+    if t.keep_optimizer_state:
+        load_optimizer_state(context.state, optimizer)
+    result = train_local(
+        model,
+        optimizer,
+        train_data,
+        precision,
+        epochs=int(t.local_epochs),
+        batch_size=int(t.batch_size),
+        generator=generator,
+        device=device,
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        max_steps=int(t.max_steps),
+    )
+    state_bytes = save_optimizer_state(context.state, optimizer) if t.keep_optimizer_state else 0
+    q = cfg.quantization
+    arrays, formats = encode_tensors(
+        {k: v.cpu() for k, v in model.state_dict().items()},
+        uplink_format(q),
+        generator,
+        keep_float=() if q.quantize_buffers else float_buffer_names(model),
+    )
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "train-loss": result.loss,
+            "train-steps": result.steps,
+            "payload-bytes": arrays.count_bytes(),
+            "optimizer-state-bytes": state_bytes,
+            "train-seconds": time.perf_counter() - started,
+        }
+    )
+    content = RecordDict(
+        {ARRAYS_KEY: arrays, ARRAYS_KEY + FORMAT_SUFFIX: formats, "metrics": metrics}
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received model on this client's local held-out split."""
+    cfg = load_config(context.run_config)
+    torch.set_num_threads(int(cfg.train.threads))
+    partition_id, num_partitions = _partition(cfg, context)
+    _, test_data = client_data(cfg, partition_id, num_partitions)
+    device = resolve_device(cfg)
+    model = build_configured_model(cfg)
+    _receive_model(msg, cfg, model)
+    loss, accuracy = evaluate_model(model.to(device), test_data, cfg.server.eval_batch_size, device)
+    metrics = MetricRecord(
+        {"num-examples": len(test_data), "eval-loss": loss, "eval-accuracy": accuracy}
+    )
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+__all__ = ["app"]

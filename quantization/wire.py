@@ -1,0 +1,228 @@
+"""The Flower wire format: tensors as int mantissas plus int8 exponents, described in-message.
+
+A message carries an ``ArrayRecord`` and a ``ConfigRecord`` of the same name suffixed
+``-format``. For each tensor ``name`` the ArrayRecord holds ``name`` (mantissas: int8, int16 or
+packed uint8 - or the raw array for float32 and integer tensors) and, when quantized,
+``name::exponents`` (int8). The ConfigRecord maps ``name`` to a small JSON object with its
+shape and format, so the receiver decodes without guessing. Nothing is ever unpickled: arrays
+are read with ``allow_pickle=False`` and formats are JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Container, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.common.serde import recorddict_to_proto
+
+from .codec import QuantizedTensor, encode
+from .format import FULL_PRECISION_BITS, BlockFloat
+
+EXPONENT_SUFFIX = "::exponents"
+FORMAT_SUFFIX = "-format"
+
+
+class WireFormatError(ValueError):
+    """A message's arrays do not describe the expected tensors; the text says what is wrong."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype a received tensor must have."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> TensorSpec:
+        """The spec of an existing tensor."""
+        return cls(tuple(tensor.shape), tensor.dtype)
+
+
+def specs_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, TensorSpec]:
+    """Specs of a state dict, for validating what peers send."""
+    return {name: TensorSpec.of(t) for name, t in tensors.items()}
+
+
+def encode_tensors(
+    tensors: Mapping[str, torch.Tensor | QuantizedTensor],
+    fmt: BlockFloat,
+    generator: torch.Generator | None = None,
+    keep_float: Container[str] = (),
+) -> tuple[ArrayRecord, ConfigRecord]:
+    """Encode a state dict: floats in ``fmt`` (except names in ``keep_float``), others raw.
+
+    ``QuantizedTensor`` values travel as they are; floats go as float32 when ``fmt`` is 32-bit.
+    """
+    arrays: dict[str, Array] = {}
+    formats: dict[str, str] = {}
+    for name, value in tensors.items():
+        if EXPONENT_SUFFIX in name:
+            raise ValueError(f"tensor name {name!r} may not contain {EXPONENT_SUFFIX!r}")
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            if fmt.enabled and name not in keep_float:
+                value = encode(value, fmt, generator)
+            else:
+                value = value.detach().to(torch.float32)
+        if isinstance(value, QuantizedTensor):
+            mantissas, exponents = value.to_payload()
+            arrays[name] = Array(mantissas)
+            arrays[name + EXPONENT_SUFFIX] = Array(exponents)
+            formats[name] = _describe(value.shape, value.fmt)
+        else:
+            arrays[name] = Array(np.ascontiguousarray(value.detach().cpu().numpy()))
+            formats[name] = json.dumps({"shape": list(value.shape)})
+    return ArrayRecord(arrays), ConfigRecord(formats)
+
+
+def _describe(shape: tuple[int, ...], fmt: BlockFloat) -> str:
+    return json.dumps(
+        {"shape": list(shape), "bits": fmt.bits, "layout": fmt.layout, "block_size": fmt.block_size}
+    )
+
+
+def decode_tensors(
+    arrays: ArrayRecord,
+    formats: ConfigRecord,
+    expected: Mapping[str, TensorSpec] | None = None,
+    bits: int | None = None,
+    allow_float: Container[str] = (),
+    max_bytes: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Decode and validate tensors; raises ``WireFormatError`` naming the first problem.
+
+    ``expected`` pins names, shapes and dtypes; ``bits`` pins the mantissa width of every
+    float tensor (32: plain float32), except names in ``allow_float`` which may also come as
+    float32; ``max_bytes`` caps the array payload. Float tensors come back as float32.
+    """
+    if max_bytes is not None:
+        size = arrays.count_bytes()
+        if size > max_bytes:
+            raise WireFormatError(f"payload of {size} bytes exceeds the limit of {max_bytes}")
+    names = list(formats.keys())
+    if expected is not None:
+        missing = sorted(set(expected) - set(names))
+        extra = sorted(set(names) - set(expected))
+        if missing or extra:
+            raise WireFormatError(f"tensor names differ: missing {missing[:5]}, extra {extra[:5]}")
+    described = _parse_formats(formats)
+    exponent_keys = {n + EXPONENT_SUFFIX for n, d in described.items() if "bits" in d}
+    wanted_keys = set(names) | exponent_keys
+    if set(arrays.keys()) != wanted_keys:
+        missing = sorted(wanted_keys - set(arrays.keys()))
+        extra = sorted(set(arrays.keys()) - wanted_keys)
+        raise WireFormatError(f"array keys differ: missing {missing[:5]}, extra {extra[:5]}")
+    decoded = {}
+    for name, description in described.items():
+        spec = expected[name] if expected is not None else None
+        value = _read_one(name, arrays, description, spec, bits, allow_float)
+        tensor = value.decode() if isinstance(value, QuantizedTensor) else value
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise WireFormatError(f"{name!r} contains NaN or inf")
+        decoded[name] = tensor
+    return decoded
+
+
+def read_tensors(
+    arrays: ArrayRecord, formats: ConfigRecord
+) -> dict[str, torch.Tensor | QuantizedTensor]:
+    """Read trusted tensors back as written (``QuantizedTensor`` stays quantized)."""
+    described = _parse_formats(formats)
+    return {
+        name: _read_one(name, arrays, description, None, None, ())
+        for name, description in described.items()
+    }
+
+
+def _parse_formats(formats: ConfigRecord) -> dict[str, dict]:
+    described = {}
+    for name, text in formats.items():
+        if not isinstance(text, str):
+            raise WireFormatError(f"format of {name!r} is not a JSON string")
+        try:
+            description = json.loads(text)
+            shape = tuple(int(d) for d in description["shape"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise WireFormatError(f"format of {name!r} is malformed: {err}") from None
+        if any(d < 0 for d in shape) or len(shape) > 8:
+            raise WireFormatError(f"format of {name!r} has an invalid shape {shape}")
+        description["shape"] = shape
+        described[name] = description
+    return described
+
+
+def _numpy(name: str, array: Array) -> np.ndarray:
+    try:
+        return array.numpy()
+    except Exception as err:  # a malformed .npy payload or a non-numpy serialization type
+        raise WireFormatError(f"array {name!r} cannot be read: {err}") from None
+
+
+def _read_one(
+    name: str,
+    arrays: ArrayRecord,
+    description: dict,
+    spec: TensorSpec | None,
+    bits: int | None,
+    allow_float: Container[str],
+) -> torch.Tensor | QuantizedTensor:
+    shape = description["shape"]
+    if spec is not None and shape != spec.shape:
+        raise WireFormatError(f"{name!r} has shape {shape}, expected {spec.shape}")
+    if "bits" in description:
+        try:
+            fmt = BlockFloat(
+                int(description["bits"]),
+                layout=description["layout"],
+                block_size=int(description["block_size"]),
+            )
+        except (ValueError, TypeError, KeyError) as err:
+            raise WireFormatError(f"{name!r} has an invalid format: {err}") from None
+        if bits is not None and fmt.bits != bits:
+            raise WireFormatError(f"{name!r} has {fmt.bits}-bit mantissas, expected {bits}")
+        if spec is not None and not spec.dtype.is_floating_point:
+            raise WireFormatError(f"{name!r} is {spec.dtype} and must travel unquantized")
+        mantissas = _numpy(name, arrays[name])
+        exponents = _numpy(name + EXPONENT_SUFFIX, arrays[name + EXPONENT_SUFFIX])
+        try:
+            return QuantizedTensor.from_payload(mantissas, exponents, shape, fmt)
+        except ValueError as err:
+            raise WireFormatError(f"{name!r}: {err}") from None
+    array = _numpy(name, arrays[name])
+    if shape == () and array.shape == (1,):  # Flower stores 0-d arrays as 1-d
+        array = array.reshape(())
+    if tuple(array.shape) != shape:
+        raise WireFormatError(f"{name!r} holds shape {array.shape}, described as {shape}")
+    if array.dtype.kind not in "biuf":
+        raise WireFormatError(f"{name!r} has unsupported dtype {array.dtype}")
+    if array.dtype.kind == "f":
+        if array.dtype != np.float32:
+            raise WireFormatError(f"{name!r} is {array.dtype}; floats travel as float32")
+        if bits is not None and bits < FULL_PRECISION_BITS and name not in allow_float:
+            raise WireFormatError(f"{name!r} is float32, expected {bits}-bit mantissas")
+    tensor = torch.from_numpy(array.copy())
+    if spec is not None:
+        same_kind = tensor.is_floating_point() == spec.dtype.is_floating_point
+        if not same_kind or (not spec.dtype.is_floating_point and tensor.dtype != spec.dtype):
+            raise WireFormatError(f"{name!r} has dtype {array.dtype}, expected {spec.dtype}")
+    return tensor
+
+
+def serialized_size(content: RecordDict) -> int:
+    """Bytes of a message's content as Flower serializes it (protobuf), framing included."""
+    return recorddict_to_proto(content).ByteSize()
+
+
+def float32_size(tensors: Mapping[str, torch.Tensor], key: str = "arrays") -> int:
+    """Serialized bytes of the tensors as a plain float32 ArrayRecord under ``key``."""
+    record = ArrayRecord({name: Array(_float32_or_raw(t).numpy()) for name, t in tensors.items()})
+    return serialized_size(RecordDict({key: record}))
+
+
+def _float32_or_raw(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().cpu()
+    return t.to(torch.float32) if t.is_floating_point() else t

@@ -1,0 +1,121 @@
+"""The ServerApp: compose the config, run the low-precision strategy, record and save results."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from logging import INFO, WARNING
+from pathlib import Path
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
+
+from quantization.wire import specs_of
+from strategies import LowPrecisionStrategy
+from strategies.factory import build_strategy
+from task.config import load_config, resolve_device
+from task.data import central_test_data
+from task.model import build_configured_model, float_buffer_names
+from task.training import evaluate_model
+
+from .results import ResultsWriter, RoundRow, format_row
+
+app = ServerApp()
+
+
+def output_directory(cfg: DictConfig) -> Path:
+    """``output_dir`` from the config, else a fresh timestamped folder under ~/lowprec-fl."""
+    if cfg.output_dir:
+        return Path(cfg.output_dir)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path.home() / "lowprec-fl" / "outputs" / stamp
+
+
+class RoundRecorder:
+    """Server-side evaluation of the broadcast model each round, plus traffic bookkeeping."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        model: torch.nn.Module,
+        strategy: LowPrecisionStrategy,
+        writer: ResultsWriter,
+    ) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.strategy = strategy
+        self.writer = writer
+        self.device = resolve_device(cfg)
+        self.test_data = central_test_data(cfg)
+        self.last_time = time.perf_counter()
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Evaluate ``arrays`` (the moving average) centrally and record the round."""
+        state = {name: torch.from_numpy(arrays[name].numpy()) for name in arrays}
+        self.model.load_state_dict(state)
+        loss, accuracy = evaluate_model(
+            self.model.to(self.device), self.test_data, self.cfg.server.eval_batch_size, self.device
+        )
+        now = time.perf_counter()
+        traffic = self.strategy.traffic.get(server_round)
+        row = RoundRow(
+            round=server_round,
+            accuracy=accuracy,
+            loss=loss,
+            uplink_bytes=traffic.uplink_bytes if traffic else 0,
+            downlink_bytes=traffic.downlink_bytes if traffic else 0,
+            fp32_uplink_bytes=traffic.fp32_uplink_bytes if traffic else 0,
+            fp32_downlink_bytes=traffic.fp32_downlink_bytes if traffic else 0,
+            seconds=now - self.last_time,
+            rejected_updates=len(traffic.rejected) if traffic else 0,
+        )
+        self.last_time = now
+        self.writer.add(row)
+        log(INFO, "%s", format_row(row, int(self.cfg.federation.num_rounds)))
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+
+def _train_config(cfg: DictConfig) -> ConfigRecord:
+    return ConfigRecord({"lr": float(cfg.train.lr), "local-epochs": int(cfg.train.local_epochs)})
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the configured low-precision federated training and save everything it produced."""
+    cfg = load_config(context.run_config)
+    out = output_directory(cfg)
+    config_dict = OmegaConf.to_container(cfg, resolve=True)
+    writer = ResultsWriter(out, config_dict)
+    log(INFO, "Low-precision FL: results go to %s", out)
+    model = build_configured_model(cfg)
+    template = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    strategy = build_strategy(cfg, specs_of(template), float_buffer_names(model))
+    connected = len(list(grid.get_node_ids()))
+    if connected and connected != cfg.federation.num_clients:
+        log(
+            WARNING,
+            "federation.num_clients=%d but %d SuperNodes are connected now; in simulation run "
+            "with --federation-config 'num-supernodes=%d'",
+            cfg.federation.num_clients,
+            connected,
+            cfg.federation.num_clients,
+        )
+    initial = ArrayRecord({name: Array(t.numpy()) for name, t in template.items()})
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=int(cfg.federation.num_rounds),
+        timeout=float(cfg.federation.round_timeout),
+        train_config=_train_config(cfg),
+        evaluate_config=ConfigRecord(),
+        evaluate_fn=RoundRecorder(cfg, model, strategy, writer),
+    )
+    final = {name: torch.from_numpy(result.arrays[name].numpy()) for name in result.arrays}
+    save_file(final, str(out / "model.safetensors"))
+    for path in writer.plot():
+        log(INFO, "Saved %s", path)
+    log(INFO, "Saved results.json, results.csv and model.safetensors in %s", out)

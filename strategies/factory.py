@@ -1,0 +1,65 @@
+"""Build the configured Flower strategy, wrapped for low-precision communication."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from flwr.serverapp import strategy as flwr_strategies
+from flwr.serverapp.strategy import Strategy
+from omegaconf import DictConfig, OmegaConf
+
+from quantization.wire import TensorSpec
+from task.formats import downlink_format
+
+from .low_precision import LowPrecisionStrategy
+from .moving_average import ServerMovingAverage
+
+#: Config names of the Flower strategies that plug in, and their classes.
+INNER_STRATEGIES: dict[str, type[Strategy]] = {
+    "fedavg": flwr_strategies.FedAvg,
+    "fedprox": flwr_strategies.FedProx,
+    "fedadam": flwr_strategies.FedAdam,
+    "fedyogi": flwr_strategies.FedYogi,
+    "fedadagrad": flwr_strategies.FedAdagrad,
+    "fedavgm": flwr_strategies.FedAvgM,
+    "fedmedian": flwr_strategies.FedMedian,
+    "fedtrimmedavg": flwr_strategies.FedTrimmedAvg,
+}
+
+
+def build_inner_strategy(cfg: DictConfig) -> Strategy:
+    """The Flower strategy ``cfg.strategy`` names, with the federation's sampling settings."""
+    options = OmegaConf.to_container(cfg.strategy, resolve=True)
+    name = options.pop("name")
+    if name not in INNER_STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}: use one of {sorted(INNER_STRATEGIES)}")
+    fed = cfg.federation
+    return INNER_STRATEGIES[name](
+        fraction_train=fed.fraction_train,
+        fraction_evaluate=fed.fraction_evaluate,
+        min_train_nodes=fed.min_train_clients,
+        min_evaluate_nodes=fed.min_evaluate_clients,
+        min_available_nodes=fed.min_available_clients,
+        **options,
+    )
+
+
+def build_strategy(
+    cfg: DictConfig, template: Mapping[str, TensorSpec], float_buffers: Iterable[str]
+) -> LowPrecisionStrategy:
+    """The low-precision wrapper around the configured inner strategy."""
+    q, server = cfg.quantization, cfg.server
+    return LowPrecisionStrategy(
+        inner=build_inner_strategy(cfg),
+        template=template,
+        uplink_bits=int(q.uplink_bits),
+        downlink=downlink_format(q),
+        moving_average=ServerMovingAverage(
+            decay=float(server.moving_average),
+            start_round=int(server.moving_average_start),
+            warmup=bool(server.moving_average_warmup),
+        ),
+        weighting=server.weighting,
+        float_buffers=() if q.quantize_buffers else float_buffers,
+        seed=int(cfg.seed),
+    )

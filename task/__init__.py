@@ -1,0 +1,1 @@
+"""The experiment both apps share: configuration, data, model and training loops."""

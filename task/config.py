@@ -1,0 +1,161 @@
+"""Hydra configuration: compose ``conf/`` with run-config overrides and validate the result."""
+
+from __future__ import annotations
+
+import functools
+import shlex
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from federated_data import DATASET_NAMES, PARTITION_SCHEMES
+from models import MODEL_NAMES
+from quantization import BlockFloat
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+#: Run-config keys with a meaning of their own; every other key is a Hydra override.
+FREE_FORM_KEY = "overrides"
+OUTPUT_DIR_KEY = "output-dir"
+STRATEGY_NAMES = (
+    "fedavg",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "fedavgm",
+    "fedmedian",
+    "fedtrimmedavg",
+)
+OPTIMIZER_NAMES = ("adam", "adamw", "sgd")
+BIT_KEYS = (
+    "weight_bits",
+    "grad_bits",
+    "activation_bits",
+    "error_bits",
+    "state_bits",
+    "uplink_bits",
+    "downlink_bits",
+)
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message lists every problem and how to fix it."""
+
+
+def run_config_overrides(run_config: Mapping[str, Any]) -> list[str]:
+    """Hydra overrides from Flower's run config (``--run-config``); empty values are skipped.
+
+    ``overrides`` holds free-form Hydra overrides, ``output-dir`` sets ``output_dir``, and every
+    other key (e.g. ``federation.num_rounds`` or ``quantization``) maps 1:1 onto an override.
+    """
+    overrides: list[str] = []
+    for key, value in run_config.items():
+        if value == "" or value is None:
+            continue
+        if key == FREE_FORM_KEY:
+            overrides.extend(shlex.split(str(value)))
+        elif key == OUTPUT_DIR_KEY:
+            overrides.append(f"output_dir={value}")
+        else:
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            overrides.append(f"{key}={text}")
+    return overrides
+
+
+def load_config(
+    run_config: Mapping[str, Any] | None = None, overrides: Sequence[str] = ()
+) -> DictConfig:
+    """Compose ``conf/config.yaml`` with run-config keys and extra overrides, then validate."""
+    all_overrides = tuple(run_config_overrides(run_config or {})) + tuple(overrides)
+    return _compose_cached(all_overrides).copy()
+
+
+@functools.lru_cache(maxsize=16)
+def _compose_cached(overrides: tuple[str, ...]) -> DictConfig:
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = compose("config", overrides=list(overrides))
+        OmegaConf.resolve(cfg)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(
+            f"cannot compose the configuration with overrides {list(overrides)}: {err}. "
+            f"Config groups and keys are in {CONF_DIR}."
+        ) from None
+    validate_config(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise ``ConfigError`` listing every invalid setting (key, value, what is allowed)."""
+    problems: list[str] = []
+
+    def require(ok: bool, key: str, rule: str) -> None:
+        if not ok:
+            problems.append(f"{key}={OmegaConf.select(cfg, key)!r}: {rule}")
+
+    fed, part, train, server = cfg.federation, cfg.partition, cfg.train, cfg.server
+    require(cfg.dataset.name in DATASET_NAMES, "dataset.name", f"use one of {DATASET_NAMES}")
+    require(cfg.model.name in MODEL_NAMES, "model.name", f"use one of {MODEL_NAMES}")
+    require(cfg.strategy.name in STRATEGY_NAMES, "strategy.name", f"use one of {STRATEGY_NAMES}")
+    require(cfg.device in ("auto", "cpu", "cuda"), "device", "use auto, cpu or cuda")
+    require(
+        cfg.device != "cuda" or torch.cuda.is_available(),
+        "device",
+        "CUDA is not available here: use device=auto or device=cpu",
+    )
+    require(
+        cfg.output_dir == "" or Path(cfg.output_dir).is_absolute(),
+        "output_dir",
+        "must be an absolute path (the ServerApp runs in the SuperLink's directory)",
+    )
+    require(fed.num_rounds >= 1, "federation.num_rounds", "must be >= 1")
+    require(fed.num_clients >= 1, "federation.num_clients", "must be >= 1")
+    require(0 < fed.fraction_train <= 1, "federation.fraction_train", "must be in (0, 1]")
+    require(0 <= fed.fraction_evaluate <= 1, "federation.fraction_evaluate", "must be in [0, 1]")
+    for key in ("min_train_clients", "min_evaluate_clients", "min_available_clients"):
+        require(fed[key] >= 1, f"federation.{key}", "must be >= 1")
+    require(fed.round_timeout > 0, "federation.round_timeout", "must be > 0 seconds")
+    require(part.scheme in PARTITION_SCHEMES, "partition.scheme", f"use one of {PARTITION_SCHEMES}")
+    require(part.alpha > 0, "partition.alpha", "must be > 0")
+    require(0 <= part.test_fraction < 1, "partition.test_fraction", "must be in [0, 1)")
+    require(
+        fed.fraction_evaluate == 0 or part.test_fraction > 0,
+        "partition.test_fraction",
+        "must be > 0 when federation.fraction_evaluate > 0 (clients evaluate on it)",
+    )
+    require(train.local_epochs >= 1, "train.local_epochs", "must be >= 1")
+    require(train.batch_size >= 1, "train.batch_size", "must be >= 1")
+    require(train.optimizer in OPTIMIZER_NAMES, "train.optimizer", f"use one of {OPTIMIZER_NAMES}")
+    require(train.lr > 0, "train.lr", "must be > 0")
+    require(train.max_steps >= 0, "train.max_steps", "must be >= 0 (0 = no cap)")
+    require(train.threads >= 1, "train.threads", "must be >= 1")
+    require(0 <= server.moving_average < 1, "server.moving_average", "must be in [0, 1)")
+    require(server.moving_average_start >= 1, "server.moving_average_start", "must be >= 1")
+    require(
+        server.weighting in ("num-examples", "uniform"),
+        "server.weighting",
+        "use num-examples or uniform",
+    )
+    require(server.eval_batch_size >= 1, "server.eval_batch_size", "must be >= 1")
+    q = cfg.quantization
+    for key in BIT_KEYS:
+        try:
+            BlockFloat(int(q[key]), q.wire_layout, q.rounding, int(q.block_size))
+        except (ValueError, TypeError) as err:
+            problems.append(f"quantization.{key}={q[key]!r}: {err}")
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(dict.fromkeys(problems)))
+
+
+def resolve_device(cfg: DictConfig) -> torch.device:
+    """The torch device the config asks for (``auto`` picks CUDA when available)."""
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)

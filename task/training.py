@@ -1,0 +1,107 @@
+"""Local low-precision training and evaluation loops."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from federated_data import ImageData
+from quantization import LowPrecisionOptimizer, TrainingPrecision, attach_quantizers
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one round of local training produced."""
+
+    loss: float
+    num_examples: int
+    steps: int
+
+
+def make_optimizer(
+    model: nn.Module,
+    name: str,
+    lr: float,
+    precision: TrainingPrecision,
+    generator: torch.Generator,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+) -> LowPrecisionOptimizer:
+    """A torch optimizer wrapped to keep weights, gradients and state in low precision."""
+    params = model.parameters()
+    if name == "adam":
+        inner = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    elif name == "adamw":
+        inner = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    elif name == "sgd":
+        inner = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {name!r}: use adam, adamw or sgd")
+    return LowPrecisionOptimizer(
+        inner, precision.weight, precision.grad, precision.state, generator
+    )
+
+
+def train_local(
+    model: nn.Module,
+    optimizer: LowPrecisionOptimizer,
+    data: ImageData,
+    precision: TrainingPrecision,
+    *,
+    epochs: int,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+    proximal_mu: float = 0.0,
+    max_steps: int = 0,
+) -> TrainResult:
+    """Train in low precision; adds FedProx's ``mu/2 ||w - w_global||^2`` when mu > 0."""
+    model.train()
+    global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    hooks = attach_quantizers(model, precision.activation, precision.error, generator)
+    total_loss, seen, steps = 0.0, 0, 0
+    try:
+        for _ in range(epochs):
+            for images, labels in data.batches(batch_size, shuffle=True, generator=generator):
+                images, labels = images.to(device), labels.to(device)
+                optimizer.zero_grad()
+                loss = nn.functional.cross_entropy(model(images), labels)
+                objective = loss
+                if global_params:
+                    drift = sum(
+                        (p - g).pow(2).sum()
+                        for p, g in zip(model.parameters(), global_params, strict=True)
+                    )
+                    objective = loss + 0.5 * proximal_mu * drift
+                objective.backward()
+                optimizer.step()
+                total_loss += loss.item() * len(labels)
+                seen += len(labels)
+                steps += 1
+                if max_steps and steps >= max_steps:
+                    break
+            if max_steps and steps >= max_steps:
+                break
+    finally:
+        hooks.remove()
+    if seen == 0:
+        raise ValueError("the local training split is empty: lower partition.test_fraction")
+    return TrainResult(loss=total_loss / seen, num_examples=seen, steps=steps)
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module, data: ImageData, batch_size: int, device: torch.device
+) -> tuple[float, float]:
+    """(mean cross-entropy loss, accuracy) of ``model`` on ``data`` in float32."""
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for images, labels in data.batches(batch_size, shuffle=False):
+        images, labels = images.to(device), labels.to(device)
+        logits = model(images)
+        total_loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        correct += int((logits.argmax(dim=1) == labels).sum())
+    n = max(len(data), 1)
+    return total_loss / n, correct / n

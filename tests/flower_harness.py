@@ -1,0 +1,92 @@
+"""An in-process Flower Grid: runs the real ClientApp on real Messages without Ray or sockets.
+
+It skips network serialization, so keep at least one real ``flwr run`` test as well.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+ReplyFilter = Callable[[int, Message], Message | None]
+
+
+@contextmanager
+def task_identity() -> Iterator[None]:
+    """Let Messages be built outside a Flower runtime (tests only)."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 1
+    try:
+        yield
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+class InProcessGrid(Grid):
+    """Calls a ClientApp directly for every message; ``tamper`` may replace or drop replies."""
+
+    def __init__(
+        self,
+        client_app: Callable[[Message, Context], Message],
+        num_nodes: int,
+        run_config: dict,
+        tamper: ReplyFilter | None = None,
+    ) -> None:
+        self.client_app = client_app
+        self.tamper = tamper
+        self.contexts = {
+            node_id: Context(
+                run_id=1,
+                node_id=node_id,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config=dict(run_config),
+            )
+            for i, node_id in enumerate(range(101, 101 + num_nodes))
+        }
+        self._ids = itertools.count(1)
+
+    @property
+    def run(self):  # type: ignore[override]
+        """Not used in-process."""
+        raise NotImplementedError
+
+    def set_run(self, run_id: int) -> None:
+        """Not used in-process."""
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[override]
+        """Not used: strategies build Messages themselves."""
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        """All simulated nodes."""
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Not used in-process."""
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Not used in-process."""
+        raise NotImplementedError
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Deliver each message to its node's ClientApp and collect the replies."""
+        replies = []
+        for message in messages:
+            node_id = message.metadata.dst_node_id
+            message.metadata.__dict__["_message_id"] = f"m{next(self._ids)}"
+            reply = self.client_app(message, self.contexts[node_id])
+            reply.metadata.__dict__["_src_node_id"] = node_id
+            if self.tamper is not None:
+                reply = self.tamper(node_id, reply)
+            if reply is not None:
+                replies.append(reply)
+        return replies

@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 from federated_data import DATASET_NAMES, PARTITION_SCHEMES
 from models import MODEL_NAMES
 from quantization import BlockFloat
+from quantization.format import LAYOUTS
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 #: Run-config keys with a meaning of their own; every other key is a Hydra override.
@@ -145,6 +146,8 @@ def validate_config(cfg: DictConfig) -> None:
     )
     require(server.eval_batch_size >= 1, "server.eval_batch_size", "must be >= 1")
     q = cfg.quantization
+    require(q.weight_layout in LAYOUTS, "quantization.weight_layout", f"use one of {LAYOUTS}")
+    require(q.wire_layout in LAYOUTS, "quantization.wire_layout", f"use one of {LAYOUTS}")
     for key in BIT_KEYS:
         try:
             BlockFloat(int(q[key]), q.wire_layout, q.rounding, int(q.block_size))

@@ -14,13 +14,13 @@ def _fmt(bits: int, layout: str, q: DictConfig) -> BlockFloat:
 
 
 def training_precision(q: DictConfig) -> TrainingPrecision:
-    """Per-role formats from ``cfg.quantization`` (the reference code's block layouts)."""
+    """Per-role formats from ``cfg.quantization``: parameters in ``weight_layout``, flows per tensor."""
     return TrainingPrecision(
-        weight=_fmt(q.weight_bits, "auto", q),
-        grad=_fmt(q.grad_bits, "auto", q),
+        weight=_fmt(q.weight_bits, q.weight_layout, q),
+        grad=_fmt(q.grad_bits, q.weight_layout, q),
         activation=_fmt(q.activation_bits, "tensor", q),
         error=_fmt(q.error_bits, "tensor", q),
-        state=_fmt(q.state_bits, "auto", q),
+        state=_fmt(q.state_bits, q.weight_layout, q),
     )
 
 

@@ -1,0 +1,144 @@
+"""Run ``flwr run .`` on a private local SuperLink and always stop it afterwards.
+
+``flwr run .`` starts a detached local SuperLink that outlives the command and keeps the
+environment of the run that started it. This wrapper gives it a private ``FLWR_HOME``, the
+offline-safe environment, waits for the run (``--stream``) and kills the SuperLink at the end,
+even on failure or Ctrl-C. Usage:
+
+    python -m scripts.flwr_local --num-supernodes 10 --run-config "federation.num_rounds=5"
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+LOCAL_SUPERLINK_PORTS = (39091, 39093)
+OFFLINE_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def flwr_env(flwr_home: Path) -> dict[str, str]:
+    """The environment for ``flwr``: private FLWR_HOME, no runtime pip installs, no telemetry."""
+    env = dict(os.environ, **OFFLINE_ENV, FLWR_HOME=str(flwr_home))
+    bin_dir = str(Path(sys.executable).parent)  # the venv's flwr, flower-superlink, ...
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def superlink_pids(flwr_home: Path) -> list[int]:
+    """PIDs of SuperLink/SuperExec processes that belong to ``flwr_home`` (by command line)."""
+    pids, marker = [], str(flwr_home.resolve())
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "flower-super" in cmdline and marker in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    kids = [int(p) for p in text.split()]
+    return kids + [g for k in kids for g in _children(k)]
+
+
+def stop_local_superlink(flwr_home: Path, grace: float = 5.0) -> int:
+    """Terminate the SuperLink of ``flwr_home`` and everything it spawned; returns how many."""
+    pids = superlink_pids(flwr_home)
+    everything = pids + [c for p in pids for c in _children(p)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in everything:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in everything):
+            time.sleep(0.1)
+    return len(everything)
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _write_connection_config(flwr_home: Path) -> None:
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    config = flwr_home / "config.toml"
+    if not config.exists():
+        config.write_text(
+            '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+        )
+
+
+def run_simulation(
+    run_config: str = "",
+    num_supernodes: int = 10,
+    flwr_home: Path | None = None,
+    timeout: float | None = None,
+    log_path: Path | None = None,
+    extra_federation_config: str = "",
+) -> int:
+    """``flwr run . --stream`` with ``num_supernodes`` simulated clients; returns its exit code."""
+    flwr_home = (flwr_home or PROJECT_DIR / ".flwr_home").resolve()
+    _write_connection_config(flwr_home)
+    stop_local_superlink(flwr_home)  # a stale one would keep an old environment
+    busy = [p for p in LOCAL_SUPERLINK_PORTS if _port_in_use(p)]
+    if busy:
+        raise RuntimeError(
+            f"ports {busy} are taken, probably by a local SuperLink another FLWR_HOME started "
+            "(flwr run . leaves it running): stop it, e.g. pkill -f flower-superlink"
+        )
+    federation = f"num-supernodes={num_supernodes} {extra_federation_config}".strip()
+    command = ["flwr", "run", str(PROJECT_DIR), "--stream", "--federation-config", federation]
+    if run_config:
+        command += ["--run-config", run_config]
+    out = log_path.open("w") if log_path else None
+    try:
+        completed = subprocess.run(
+            command,
+            env=flwr_env(flwr_home),
+            cwd=PROJECT_DIR,
+            timeout=timeout,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            check=False,
+        )
+        return completed.returncode
+    finally:
+        if out:
+            out.close()
+        stop_local_superlink(flwr_home)
+
+
+def main() -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-supernodes", type=int, default=10)
+    parser.add_argument("--run-config", default="", help="as for flwr run --run-config")
+    parser.add_argument("--flwr-home", type=Path, default=None)
+    args = parser.parse_args()
+    sys.exit(run_simulation(args.run_config, args.num_supernodes, args.flwr_home))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,13 @@
 """Fused CPU kernel (numba) for block floating point; the same arithmetic as the torch path.
 
 One call does everything: a pass finds each block's largest magnitude (on the float bits, so
-NaN/inf are caught for free), then per-block exponents and power-of-two steps, then one pass
-scales, dithers, rounds, clamps and writes. ``torch.rand`` alone would cost more.
+NaN/inf are caught for free), then per block the exponent and power-of-two scales, and one pass
+that scales, dithers, rounds, clamps and writes. All element arithmetic is float32 and uint32
+(16 lanes per AVX-512 vector) and exact: scaling by powers of two, ``floor``, ``v - floor(v)``.
+
+Stochastic rounding adds one with probability ``floor(frac * 2^32) / 2^32`` (``frac = v -
+floor(v)``), by comparing the 32-bit counter hash ``h`` (see ``dither.py``) with that integer:
+unbiased to within 2^-32 of a step.
 """
 
 from __future__ import annotations
@@ -10,10 +15,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import intrinsic
 
 _U32 = np.uint32
-_INV_2_POW_32 = 2.0**-32
+_F32 = np.float32
+_TWO_POW_32 = _F32(4294967296.0)
 _FLOAT_EXPONENT_ALL_ONES = 0x7F800000
 ROUND_NEAREST, ROUND_STOCHASTIC, ROUND_UP = 0, 1, 2
 
@@ -21,13 +28,33 @@ ROUND_NEAREST, ROUND_STOCHASTIC, ROUND_UP = 0, 1, 2
 # wraparound check and LLVM vectorizes them; indexing ``x[i]`` from a computed start does not.
 
 
+@intrinsic
+def _mul32(typingctx, a, b):
+    """uint32 * uint32 mod 2^32 as one 32-bit multiply (numba would widen it to 64 bits)."""
+    sig = types.uint32(types.uint32, types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.mul(args[0], args[1])
+
+    return sig, codegen
+
+
+@intrinsic
+def _xorshift32(typingctx, a, s):
+    """``a ^ (a >> s)`` on uint32 without widening."""
+    sig = types.uint32(types.uint32, types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.xor(args[0], builder.lshr(args[0], args[1]))
+
+    return sig, codegen
+
+
 @njit(inline="always")
 def _mix32(h):
-    h = _U32(h ^ (h >> _U32(16)))
-    h = _U32(h * _U32(0x21F0AAAD))
-    h = _U32(h ^ (h >> _U32(15)))
-    h = _U32(h * _U32(0x735A2D97))
-    return _U32(h ^ (h >> _U32(15)))
+    h = _mul32(_xorshift32(h, _U32(16)), _U32(0x21F0AAAD))
+    h = _mul32(_xorshift32(h, _U32(15)), _U32(0x735A2D97))
+    return _xorshift32(h, _U32(15))
 
 
 @njit(inline="always")
@@ -53,21 +80,33 @@ def _exponent_of_key(key):
 
 
 @njit(inline="always")
-def _round_segment(xs, outs, first, s_in, s_out, lo, hi, mode, k1, k2):
-    """Round one slice that lies inside one block; ``first`` is its flat index (dither counter)."""
+def _round_segment(xs, outs, first, scale_a, scale_b, step, lo, hi, mode, k1, k2):
+    """Round one slice lying inside one block; ``first`` is its flat index (dither counter).
+
+    ``v = (x * scale_a) * scale_b`` is x in units of the step (two factors keep each a float32).
+    """
     if mode == ROUND_STOCHASTIC:
         for j in range(xs.size):
+            v = (xs[j] * scale_a) * scale_b
+            f = np.floor(v)
+            threshold = _U32((v - f) * _TWO_POW_32)
             h = _mix32(_mix32(_U32(first + j) ^ k1) ^ k2)
-            v = np.floor(np.float64(xs[j]) * s_in + np.float64(h) * _INV_2_POW_32)
-            outs[j] = (min(max(v, lo), hi) + 0.0) * s_out
+            r = f + _F32(h < threshold)
+            outs[j] = (min(max(r, lo), hi) + _F32(0.0)) * step
     elif mode == ROUND_UP:
         for j in range(xs.size):
-            v = np.ceil(np.float64(xs[j]) * s_in)
-            outs[j] = (min(max(v, lo), hi) + 0.0) * s_out
+            r = np.ceil((xs[j] * scale_a) * scale_b)
+            outs[j] = (min(max(r, lo), hi) + _F32(0.0)) * step
     else:
         for j in range(xs.size):
-            v = np.rint(np.float64(xs[j]) * s_in)
-            outs[j] = (min(max(v, lo), hi) + 0.0) * s_out
+            r = np.rint((xs[j] * scale_a) * scale_b)
+            outs[j] = (min(max(r, lo), hi) + _F32(0.0)) * step
+
+
+@njit(inline="always")
+def _pow2_f32(k):
+    """2^k as float32, exact for -149 <= k <= 127 (subnormals included)."""
+    return _F32(math.ldexp(1.0, k))
 
 
 def _quantize_flat(bits, x, block_len, nbits, mode, k1, k2, codes_only, out, exps):
@@ -83,15 +122,17 @@ def _quantize_flat(bits, x, block_len, nbits, mode, k1, k2, codes_only, out, exp
         keys[b] = _segment_key_max(bits[b * block_len : min(n, (b + 1) * block_len)])
     if nblocks > 0 and keys.max() >= _FLOAT_EXPONENT_ALL_ONES:
         return False
-    lo = -float(1 << (nbits - 1))
-    hi = float((1 << (nbits - 1)) - 1)
+    lo = _F32(-(1 << (nbits - 1)))
+    hi = _F32((1 << (nbits - 1)) - 1)
     for b in range(nblocks):
         e = _exponent_of_key(keys[b])
         exps[b] = e
-        s_in = math.ldexp(1.0, nbits - 2 - e)
-        s_out = 1.0 if codes_only else math.ldexp(1.0, e - nbits + 2)
+        k = nbits - 2 - e
+        scale_a = _pow2_f32(k // 2)
+        scale_b = _pow2_f32(k - k // 2)
+        step = _F32(1.0) if codes_only else _pow2_f32(-k)
         i0, i1 = b * block_len, min(n, (b + 1) * block_len)
-        _round_segment(x[i0:i1], out[i0:i1], i0, s_in, s_out, lo, hi, mode, k1, k2)
+        _round_segment(x[i0:i1], out[i0:i1], i0, scale_a, scale_b, step, lo, hi, mode, k1, k2)
     return True
 
 
@@ -117,8 +158,8 @@ def quantize_flat(
         block_len,
         bits,
         mode,
-        np.uint64(key[0]),
-        np.uint64(key[1]),
+        np.uint32(key[0]),
+        np.uint32(key[1]),
         codes_only,
         out,
         exps,

@@ -36,7 +36,7 @@ class QuantizedTensor:
         if self.fmt.bits < 8:
             mantissas = pack_codes(codes, self.fmt.bits)
         else:
-            mantissas = codes.astype(code_dtype_numpy(self.fmt.bits), copy=False)
+            mantissas = codes.astype(code_dtype_numpy(self.fmt.bits))  # a copy: never aliased
         return mantissas, self.exponents.detach().cpu().numpy().astype(np.int8, copy=False)
 
     @classmethod

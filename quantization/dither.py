@@ -2,10 +2,10 @@
 
 Stochastic rounding needs one uniform number per element. Generating them with a stateful RNG
 (``torch.rand``) costs more than the rest of the quantizer together. Here element ``i`` of a call
-with 64-bit key ``k`` gets ``u = mix(mix(i ^ k_lo) ^ k_hi) / 2^32`` where ``mix`` is a bijective
-32-bit integer hash (Wellons' "lowbias32" family). For one key the map ``i -> u`` is a bijection
-onto the 2^32-point grid, so ``floor(v + u)`` is unbiased to within 2^-32 of a unit in the last
-place - finer than ``torch.rand``'s 2^-24 grid. Keys come from a seeded ``torch.Generator``, so
+with 64-bit key ``k`` gets ``h = mix(mix(i ^ k_lo) ^ k_hi)`` where ``mix`` is a bijective 32-bit
+integer hash (Wellons' "lowbias32" family). For one key the map ``i -> h`` is a bijection on
+[0, 2^32); rounding ``v`` up when ``h < floor(frac(v) * 2^32)`` is unbiased to within 2^-32 of
+a step - finer than ``torch.rand``'s 2^-24 grid. Keys come from a seeded ``torch.Generator``, so
 results are reproducible and independent of thread count and device.
 """
 
@@ -39,11 +39,15 @@ def _mix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 15)
 
 
-def uniform_dither(n: int, key: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The ``n`` float64 dither values in [0, 1) that stochastic rounding adds under ``key``."""
+def dither_bits(n: int, key: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The ``n`` 32-bit hashes (int64 tensor) stochastic rounding compares against under ``key``."""
     if n > MAX_ELEMENTS:
         raise ValueError(f"stochastic rounding supports at most 2^32 elements per call, got {n}")
     k1, k2 = split_key(key)
     counter = torch.arange(n, dtype=torch.int64, device=device)
-    h = _mix32(_mix32(counter ^ k1) ^ k2)
-    return h.to(torch.float64) * INV_2_POW_32
+    return _mix32(_mix32(counter ^ k1) ^ k2)
+
+
+def uniform_dither(n: int, key: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The same hashes as float64 uniforms in [0, 1): ``dither_bits / 2^32``."""
+    return dither_bits(n, key, device).to(torch.float64) * INV_2_POW_32

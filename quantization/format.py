@@ -25,8 +25,9 @@ class BlockFloat:
     ``kernel`` (one per (out, in) pair of a conv weight; per row for matrices, as ``channel``),
     ``block`` (runs of ``block_size`` consecutive elements; 32 at 8 bits is OCP MXINT8) and
     ``auto`` (``kernel`` for conv weights, ``channel`` for matrices, ``tensor`` otherwise).
-    ``rounding`` is ``stochastic`` (unbiased), ``nearest`` (ties to even) or ``up`` (ceiling, for
-    quantities that must not round to zero, like Adam's second moment).
+    ``rounding`` is ``stochastic`` (unbiased), ``nearest`` (ties to even) or ``up`` (ceiling, then
+    clamped to the largest code; for quantities that must not round to zero, like Adam's second
+    moment).
     """
 
     bits: int = 8

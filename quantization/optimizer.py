@@ -102,7 +102,11 @@ class LowPrecisionOptimizer:
         """Restore state written by ``export_state`` (same parameters, same order)."""
         params = list(self._params())
         for key, value in exported.items():
-            index_text, name = key.split(".", 1)
+            index_text, _, name = key.partition(".")
+            if not index_text.isdigit() or not name:
+                raise ValueError(
+                    f"optimizer state key {key!r} is not '<parameter index>.<state name>'"
+                )
             index = int(index_text)
             if not 0 <= index < len(params):
                 raise ValueError(

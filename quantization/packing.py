@@ -51,6 +51,12 @@ def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     padded[:, :bits] = buf.reshape(groups, bits)
     words = padded.view("<u8").reshape(groups, 1)
     shifts = np.arange(_GROUP, dtype=np.uint64) * np.uint64(bits)
-    unsigned = ((words >> shifts) & np.uint64((1 << bits) - 1)).reshape(-1)[:count]
+    unsigned = ((words >> shifts) & np.uint64((1 << bits) - 1)).reshape(-1)
+    if unsigned[count:].any():  # pack_codes zero-fills: set padding bits mean more codes
+        raise ValueError(
+            f"packed buffer holds more than {count} codes of {bits} bits (nonzero padding): "
+            "the payload does not match the tensor's shape"
+        )
+    unsigned = unsigned[:count]
     sign = np.int64(1 << (bits - 1))
     return ((unsigned.astype(np.int64) ^ sign) - sign).astype(np.int8)

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import torch
 
 from . import _cpu_kernels
-from .dither import draw_key, split_key, uniform_dither
+from .dither import dither_bits, draw_key, split_key
 from .format import EXPONENT_MAX, EXPONENT_MIN, BlockFloat
 
 _FLOAT_EXPONENT_ALL_ONES = 0x7F800000
@@ -82,11 +82,12 @@ def _torch_exponents(flat: torch.Tensor, block_len: int, num_blocks: int) -> tor
     return exps.masked_fill_(absmax == 0, EXPONENT_MIN)
 
 
-def _steps(exps: torch.Tensor, bits: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """float64 (2^(b-2-e), 2^(e-b+2)): exact powers of two, no float32 overflow."""
-    e = exps.to(device=device, dtype=torch.float64)
-    one = torch.ones_like(e)
-    return torch.ldexp(one, (bits - 2) - e), torch.ldexp(one, e - (bits - 2))
+def _scales(exps: torch.Tensor, bits: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """float32 (a, b, step) per block: x * a * b is x in steps, step = 2^(e-b+2); all exact."""
+    k = bits - 2 - exps.to(device=device, dtype=torch.int64)
+    half = torch.div(k, 2, rounding_mode="floor")
+    one = torch.ones(k.shape, dtype=torch.float64, device=device)
+    return tuple(torch.ldexp(one, p).to(torch.float32) for p in (half, k - half, -k))
 
 
 def _quantize(
@@ -120,11 +121,13 @@ def _quantize(
             raise ValueError(_NAN_MESSAGE)
         return result.view(shape), exps
     exps = _torch_exponents(flat, block_len, num_blocks)
-    inv_step, step = _steps(exps, fmt.bits, flat.device)
-    v = _padded_blocks(flat.double(), block_len, num_blocks) * inv_step[:, None]
+    scale_a, scale_b, step = _scales(exps, fmt.bits, flat.device)
+    v = (_padded_blocks(flat, block_len, num_blocks) * scale_a[:, None]) * scale_b[:, None]
     if mode == _cpu_kernels.ROUND_STOCHASTIC:
-        dither = uniform_dither(flat.numel(), key, flat.device)
-        v = torch.floor(v + _padded_blocks(dither, block_len, num_blocks))
+        floor = torch.floor(v)
+        threshold = ((v - floor) * 2.0**32).to(torch.int64)
+        hashes = _padded_blocks(dither_bits(flat.numel(), key, flat.device), block_len, num_blocks)
+        v = floor + (hashes < threshold).to(torch.float32)
     elif mode == _cpu_kernels.ROUND_UP:
         v = torch.ceil(v)
     else:
@@ -180,7 +183,8 @@ def dequantize_codes(codes: torch.Tensor, exps: torch.Tensor, fmt: BlockFloat) -
     """float32 values ``m * 2^(e-b+2)`` of integer codes shaped like the original tensor."""
     shape = tuple(codes.shape)
     block_len, num_blocks = fmt.block_length(shape), fmt.num_blocks(shape)
-    _, step = _steps(exps, fmt.bits, codes.device)
+    *_, step = _scales(exps, fmt.bits, codes.device)
+    step = step.to(torch.float64)
     flat = codes.reshape(-1).to(torch.float64)
     values = _padded_blocks(flat, block_len, num_blocks) * step[:, None]
     return values.reshape(-1)[: flat.numel()].to(torch.float32).view(shape)

@@ -14,7 +14,7 @@ def _fmt(bits: int, layout: str, q: DictConfig) -> BlockFloat:
 
 
 def training_precision(q: DictConfig) -> TrainingPrecision:
-    """Per-role formats from ``cfg.quantization``: parameters in ``weight_layout``, flows per tensor."""
+    """Per-role formats: parameters in ``weight_layout``, activations and errors per tensor."""
     return TrainingPrecision(
         weight=_fmt(q.weight_bits, q.weight_layout, q),
         grad=_fmt(q.grad_bits, q.weight_layout, q),

@@ -18,8 +18,11 @@ def reference_exponent(block: np.ndarray) -> int:
     return int(np.clip(e.max(), -128, 127))
 
 
-def reference_quantize(x: torch.Tensor, fmt: BlockFloat, dither: np.ndarray | None = None):
-    """(float64 values, exponents) by the formula, block by block, in float64 numpy."""
+def reference_quantize(x: torch.Tensor, fmt: BlockFloat, hashes: np.ndarray | None = None):
+    """(float64 values, exponents) by the formula, block by block, in float64 numpy.
+
+    Stochastic rounding rounds up where the element's 32-bit hash is below frac * 2^32.
+    """
     flat = x.detach().double().numpy().reshape(-1)
     length = fmt.block_length(tuple(x.shape))
     values, exps = np.empty_like(flat), []
@@ -29,7 +32,9 @@ def reference_quantize(x: torch.Tensor, fmt: BlockFloat, dither: np.ndarray | No
         e = reference_exponent(block)
         scaled = block * 2.0 ** (b - 2 - e)
         if fmt.rounding == "stochastic":
-            rounded = np.floor(scaled + dither[start : start + length])
+            floor = np.floor(scaled)
+            threshold = np.floor((scaled - floor) * 2.0**32)
+            rounded = floor + (hashes[start : start + length] < threshold)
         elif fmt.rounding == "up":
             rounded = np.ceil(scaled)
         else:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from quantization import BlockFloat, quantize, quantize_codes, torch_backend
-from quantization.dither import draw_key, uniform_dither
+from quantization.dither import dither_bits, draw_key
 from quantization.quantizer import dequantize_codes
 from tests.reference_bfp import reference_quantize
 
@@ -41,9 +41,9 @@ def test_matches_reference_formula(backend, layout, block_size, bits, rounding):
     fmt = BlockFloat(bits, layout=layout, rounding=rounding, block_size=block_size)
     x = torch.randn(6, 5, 3, 3, generator=torch.Generator().manual_seed(bits)) * 4
     x[1] = 0  # an all-zero channel / kernel
-    dither = uniform_dither(x.numel(), draw_key(torch.Generator().manual_seed(7))).numpy()
+    hashes = dither_bits(x.numel(), draw_key(torch.Generator().manual_seed(7))).numpy()
     got = _run(backend, quantize, x, fmt, torch.Generator().manual_seed(7))
-    want, _ = reference_quantize(x, fmt, dither)
+    want, _ = reference_quantize(x, fmt, hashes)
     assert torch.equal(got, torch.from_numpy(want).float())
 
 

@@ -1,0 +1,277 @@
+"""Quantization benchmarks: training-step overhead, codec throughput and encoded sizes.
+
+Run ``python -m benchmarks.quantization``. Prints one line per figure,
+``<name>: <measured> (target <op> <value>)`` or ``(no target)``, and writes the figures as JSON
+to ``benchmarks/results/quantization.json``. Every baseline is measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numba
+import numpy as np
+import torch
+from torch import nn
+
+from federated_data import load_image_data
+from models import ConvNet, resnet18_cifar
+from quantization import (
+    BlockFloat,
+    LowPrecisionOptimizer,
+    QuantizedTensor,
+    TrainingPrecision,
+    attach_quantizers,
+    encode,
+)
+
+RESULTS_PATH = Path(__file__).resolve().parent / "results" / "quantization.json"
+SEED = 0
+BATCH_SIZE = 32
+STEP_WARMUP = 3
+STEP_ROUNDS = 9
+STEP_MIN_ROUNDS = 3
+STEP_BUDGET_S = 60.0
+STEPS_PER_ROUND = 6
+CODEC_REPEATS = 5
+WIRE_BLOCK = 32
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One measured figure, its unit and its target (``None``: reported only)."""
+
+    name: str
+    value: float
+    unit: str
+    target: str | None = None
+    samples: tuple[float, ...] = ()  # raw per-round measurements (seconds), where kept
+
+    def line(self) -> str:
+        """``name: value (target <op> <bound>)`` or ``(no target)``: the printed form."""
+        value = self.value
+        shown = str(int(value)) if value >= 1000 and value == int(value) else f"{value:.4g}"
+        return f"{self.name}: {shown} ({f'target {self.target}' if self.target else 'no target'})"
+
+    def met(self) -> bool | None:
+        """Whether the target holds (None without one)."""
+        if self.target is None:
+            return None
+        op, bound = self.target.split()
+        return self.value <= float(bound) if op == "<=" else self.value >= float(bound)
+
+
+def convnet() -> nn.Module:
+    """The paper's ConvNet for 1x32x32 inputs, seeded."""
+    torch.manual_seed(SEED)
+    return ConvNet(in_channels=1, num_classes=10, width=128, depth=3, image_size=32)
+
+
+def training_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of 28x28 images zero-padded to 32x32 (the synthetic set: no data download)."""
+    data = load_image_data("synthetic", None, train=True, pad_to=32)
+    x, y = next(data.batches(BATCH_SIZE, shuffle=True, generator=torch.Generator().manual_seed(1)))
+    return x, y
+
+
+def fp32_step_fn(x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """A closure running one plain float32 Adam step of the ConvNet."""
+    model = convnet()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def lowp_step_fn(x: torch.Tensor, y: torch.Tensor, bits: int = 8) -> Callable[[], None]:
+    """A closure running one step with every role (weights ... optimizer state) at ``bits``."""
+    model = convnet()
+    precision = TrainingPrecision.uniform(bits)
+    generator = torch.Generator().manual_seed(SEED)
+    attach_quantizers(model, precision.activation, precision.error, generator)
+    opt = LowPrecisionOptimizer(
+        torch.optim.Adam(model.parameters(), lr=1e-3),
+        weight=precision.weight,
+        grad=precision.grad,
+        state=precision.state,
+        generator=generator,
+    )
+
+    def step() -> None:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def time_round(fn: Callable[[], None], steps: int) -> float:
+    """Seconds per call of ``fn``, averaged over ``steps`` consecutive calls."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - start) / steps
+
+
+def bench_train_step() -> list[Figure]:
+    """Interleaved timing of the 8-bit and the float32 ConvNet training step."""
+    x, y = training_batch()
+    fns = {"fp32": fp32_step_fn(x, y), "8bit": lowp_step_fn(x, y, bits=8)}
+    for fn in fns.values():  # first calls load/compile numba kernels and warm allocators
+        time_round(fn, STEP_WARMUP)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    for r in range(STEP_ROUNDS):
+        if r >= STEP_MIN_ROUNDS and time.perf_counter() - start > STEP_BUDGET_S:
+            break  # a busy machine: keep the whole run within a few minutes
+        order = list(fns) if r % 2 == 0 else list(reversed(fns))
+        for name in order:
+            samples[name].append(time_round(fns[name], STEPS_PER_ROUND))
+    fp32, lowp = statistics.median(samples["fp32"]), statistics.median(samples["8bit"])
+    return [
+        Figure("train_step_ratio_8bit_vs_fp32", lowp / fp32, "x", "<= 1.3"),
+        Figure("train_step_fp32_ms", fp32 * 1e3, "ms", samples=tuple(samples["fp32"])),
+        Figure("train_step_8bit_ms", lowp * 1e3, "ms", samples=tuple(samples["8bit"])),
+    ]
+
+
+def float_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The floating-point tensors of ``model``'s state dict (what a client uploads)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = CODEC_REPEATS) -> float:
+    """Median wall time of ``fn`` over ``repeats`` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+Payload = dict[str, tuple[np.ndarray, np.ndarray, tuple[int, ...]]]
+
+
+def encode_all(tensors: dict[str, torch.Tensor], fmt: BlockFloat, seed: int = SEED) -> Payload:
+    """Encode every tensor and pack it into wire arrays (mantissas, exponents, shape)."""
+    generator = torch.Generator().manual_seed(seed)
+    payload: Payload = {}
+    for name, t in tensors.items():
+        mantissas, exponents = encode(t, fmt, generator).to_payload()
+        payload[name] = (mantissas, exponents, tuple(t.shape))
+    return payload
+
+
+def decode_all(payload: Payload, fmt: BlockFloat) -> dict[str, torch.Tensor]:
+    """Validate and unpack wire arrays, then dequantize them to float32 tensors."""
+    return {
+        name: QuantizedTensor.from_payload(m, e, shape, fmt).decode()
+        for name, (m, e, shape) in payload.items()
+    }
+
+
+def bench_codec_throughput() -> list[Figure]:
+    """Encode/decode of a ResNet-18 state dict (~11M floats) vs a plain copy of the same bytes."""
+    torch.manual_seed(SEED)
+    tensors = float_state_dict(resnet18_cifar(in_channels=3, num_classes=10))
+    numel = sum(t.numel() for t in tensors.values())
+    gigabytes = 4 * numel / 1e9
+    copy_s = median_seconds(lambda: [t.clone() for t in tensors.values()])
+    figures = [
+        Figure("codec_state_dict_elements", float(numel), "floats"),
+        Figure("memcpy_gbps", gigabytes / copy_s, "GB/s"),
+    ]
+    for bits in (8, 4):
+        fmt = BlockFloat(bits, layout="block", block_size=WIRE_BLOCK)
+        encode_s = median_seconds(lambda fmt=fmt: encode_all(tensors, fmt))
+        payload = encode_all(tensors, fmt)
+        decode_s = median_seconds(lambda fmt=fmt, payload=payload: decode_all(payload, fmt))
+        figures += [
+            Figure(f"encode_{bits}bit_gbps", gigabytes / encode_s, "GB/s"),
+            Figure(f"encode_throughput_{bits}bit_vs_memcpy", copy_s / encode_s, "x"),
+            Figure(f"decode_{bits}bit_gbps", gigabytes / decode_s, "GB/s"),
+            Figure(f"decode_throughput_{bits}bit_vs_memcpy", copy_s / decode_s, "x"),
+        ]
+    return figures
+
+
+def encoded_size_ratio(tensors: dict[str, torch.Tensor], fmt: BlockFloat) -> float:
+    """Bytes of mantissas plus exponents over float32 bytes, for every tensor in ``fmt``."""
+    encoded = sum(encode(t, fmt).payload_bytes() for t in tensors.values())
+    return encoded / sum(4 * t.numel() for t in tensors.values())
+
+
+def bench_encoded_size() -> list[Figure]:
+    """Upload size of the ConvNet (width 128) state dict at 8 and 4 bits, auto and block32."""
+    tensors = float_state_dict(convnet())
+    targets = {8: "<= 0.26", 4: "<= 0.135"}
+    figures = []
+    for bits in (8, 4):
+        auto = BlockFloat(bits, layout="auto")
+        block = BlockFloat(bits, layout="block", block_size=WIRE_BLOCK)
+        figures += [
+            Figure(
+                f"encoded_size_ratio_{bits}bit",
+                encoded_size_ratio(tensors, auto),
+                "",
+                targets[bits],
+            ),
+            Figure(
+                f"encoded_size_ratio_{bits}bit_block{WIRE_BLOCK}",
+                encoded_size_ratio(tensors, block),
+                "",
+            ),
+        ]
+    return figures
+
+
+def environment() -> dict[str, object]:
+    """Where and how the figures were measured."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numba": numba.__version__,
+        "machine": platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "numba_threads": numba.get_num_threads(),
+    }
+
+
+def write_results(figures: list[Figure], seconds: float) -> Path:
+    """Write the figures and the environment as JSON; returns the path."""
+    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "figures": {f.name: {**asdict(f), "met": f.met()} for f in figures},
+        "environment": environment(),
+        "seconds": seconds,
+    }
+    RESULTS_PATH.write_text(json.dumps(report, indent=2) + "\n")
+    return RESULTS_PATH
+
+
+def main() -> None:
+    """Run every benchmark, print its figures and save them."""
+    start = time.perf_counter()
+    figures: list[Figure] = []
+    for bench in (bench_train_step, bench_codec_throughput, bench_encoded_size):
+        for figure in bench():
+            print(figure.line(), flush=True)
+            figures.append(figure)
+    path = write_results(figures, time.perf_counter() - start)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

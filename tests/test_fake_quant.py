@@ -1,0 +1,151 @@
+"""Fake quantization of activations (forward) and errors (backward) via attach_quantizers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from models import ConvNet, resnet18_cifar
+from quantization import FP32, BlockFloat, attach_quantizers, quantize
+from quantization.fake_quant import QUANTIZED_OUTPUT_TYPES
+
+ACTIVATION = BlockFloat(8, layout="tensor", rounding="stochastic")
+ERROR = BlockFloat(6, layout="tensor", rounding="stochastic")
+
+
+def _on_grid(t: torch.Tensor, fmt: BlockFloat) -> bool:
+    """Whether ``t`` is exactly representable in ``fmt`` (nearest re-quantization is a no-op)."""
+    return torch.equal(quantize(t, BlockFloat(fmt.bits, fmt.layout, "nearest", fmt.block_size)), t)
+
+
+def _convnet(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return ConvNet(in_channels=1, num_classes=10, width=16, depth=3)
+
+
+def _inputs(shape=(4, 1, 32, 32), seed: int = 1) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _capture_output_grad(module: nn.Module, store: dict[str, torch.Tensor]) -> None:
+    """Record d(loss)/d(module's raw output), i.e. the error that reaches the module's backward.
+
+    Registered *before* ``attach_quantizers``, this hook sees the output before the quantizer
+    hook replaces it, so the gradient it records is the one after error quantization.
+    """
+
+    def hook(_module, _inputs, output):
+        output.register_hook(lambda grad: store.__setitem__("grad", grad.detach().clone()))
+
+    module.register_forward_hook(hook)
+
+
+def test_outputs_and_errors_are_on_their_grids():
+    model = _convnet()
+    conv = model.features[0]
+    captured: dict[str, torch.Tensor] = {}
+    _capture_output_grad(conv, captured)
+    attach_quantizers(model, ACTIVATION, ERROR, torch.Generator().manual_seed(0))
+    out = model(_inputs())
+    assert _on_grid(out, ACTIVATION)
+    assert not _on_grid(out, BlockFloat(5, layout="tensor"))  # 8 bits really used, not fewer
+    out.square().sum().backward()
+    error = captured["grad"]
+    assert error.abs().max() > 0
+    assert _on_grid(error, ERROR)
+    assert error.unique().numel() <= 2**ERROR.bits
+    assert conv.weight.grad is not None and torch.isfinite(conv.weight.grad).all()
+
+
+def test_error_check_distinguishes_unquantized_errors():
+    # Same capture with errors left in float32: the gradient is then off the 6-bit grid.
+    model = _convnet()
+    captured: dict[str, torch.Tensor] = {}
+    _capture_output_grad(model.features[0], captured)
+    attach_quantizers(model, ACTIVATION, FP32, torch.Generator().manual_seed(0))
+    model(_inputs()).square().sum().backward()
+    assert not _on_grid(captured["grad"], ERROR)
+    assert captured["grad"].unique().numel() > 2**ERROR.bits
+
+
+def test_errors_quantized_with_activations_in_full_precision():
+    reference = _convnet()
+    model = _convnet()
+    captured: dict[str, torch.Tensor] = {}
+    _capture_output_grad(model.features[0], captured)
+    attach_quantizers(model, FP32, ERROR, torch.Generator().manual_seed(0))
+    x = _inputs()
+    out = model(x)
+    assert torch.equal(out, reference(x))  # forward untouched
+    out.square().sum().backward()
+    assert _on_grid(captured["grad"], ERROR)
+
+
+def test_hook_count_and_remove_restores_the_model():
+    model = _convnet()
+    expected = sum(isinstance(m, QUANTIZED_OUTPUT_TYPES) for m in model.modules())
+    n_conv_linear_act_pool = sum(
+        isinstance(m, nn.Conv2d | nn.Linear | nn.ReLU | nn.AvgPool2d) for m in model.modules()
+    )
+    assert expected == n_conv_linear_act_pool == 3 * 3 + 1
+    x = _inputs()
+    with torch.no_grad():
+        plain = model(x)
+        hooks = attach_quantizers(model, ACTIVATION, ERROR, torch.Generator().manual_seed(0))
+        assert len(hooks) == n_conv_linear_act_pool + 1  # + the model's own output
+        quantized = model(x)
+        assert not torch.equal(quantized, plain)
+        hooks.remove()
+        assert len(hooks) == 0
+        assert torch.equal(model(x), plain)
+        assert not model._forward_hooks
+        assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_seeded_generator_makes_training_reproducible():
+    grads = []
+    for _ in range(2):
+        model = _convnet()
+        attach_quantizers(model, ACTIVATION, ERROR, torch.Generator().manual_seed(3))
+        model(_inputs()).square().sum().backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_resnet18_forward_backward_on_grid():
+    torch.manual_seed(0)
+    model = resnet18_cifar(in_channels=3, num_classes=10)
+    captured: dict[str, torch.Tensor] = {}
+    _capture_output_grad(model.conv1, captured)
+    hooks = attach_quantizers(model, ACTIVATION, ERROR, torch.Generator().manual_seed(0))
+    assert len(hooks) == sum(isinstance(m, QUANTIZED_OUTPUT_TYPES) for m in model.modules()) + 1
+    x = _inputs((2, 3, 32, 32))
+    out = model(x)
+    assert out.shape == (2, 10) and _on_grid(out, ACTIVATION)
+    nn.functional.cross_entropy(out, torch.tensor([1, 7])).backward()
+    assert _on_grid(captured["grad"], ERROR)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_full_precision_formats_have_no_effect():
+    reference, model = _convnet(), _convnet()
+    hooks = attach_quantizers(model, FP32, FP32, torch.Generator().manual_seed(0))
+    assert len(hooks) == 11
+    x = _inputs()
+    out_ref, out = reference(x), model(x)
+    assert torch.equal(out, out_ref)
+    out_ref.square().sum().backward()
+    out.square().sum().backward()
+    for p_ref, p in zip(reference.parameters(), model.parameters(), strict=True):
+        assert torch.equal(p.grad, p_ref.grad)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_block_layout_activations(bits):
+    fmt = BlockFloat(bits, layout="block", block_size=32)
+    model = _convnet()
+    attach_quantizers(model, fmt, fmt, torch.Generator().manual_seed(0))
+    out = model(_inputs())
+    assert _on_grid(out, fmt)
+    out.sum().backward()

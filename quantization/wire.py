@@ -138,14 +138,27 @@ def read_tensors(
     }
 
 
+def _reject_constant(token: str) -> None:
+    raise ValueError(f"{token} is not allowed")
+
+
+def _int(value: object) -> int:
+    """A JSON integer (bools and floats rejected)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {value!r}")
+    return value
+
+
 def _parse_formats(formats: ConfigRecord) -> dict[str, dict]:
     described = {}
     for name, text in formats.items():
         if not isinstance(text, str):
             raise WireFormatError(f"format of {name!r} is not a JSON string")
         try:
-            description = json.loads(text)
-            shape = tuple(int(d) for d in description["shape"])
+            description = json.loads(text, parse_constant=_reject_constant)
+            if not isinstance(description, dict) or not isinstance(description["shape"], list):
+                raise TypeError("expected an object with a list 'shape'")
+            shape = tuple(_int(d) for d in description["shape"])
         except (ValueError, KeyError, TypeError) as err:
             raise WireFormatError(f"format of {name!r} is malformed: {err}") from None
         if any(d < 0 for d in shape) or len(shape) > 8:
@@ -176,9 +189,9 @@ def _read_one(
     if "bits" in description:
         try:
             fmt = BlockFloat(
-                int(description["bits"]),
+                _int(description["bits"]),
                 layout=description["layout"],
-                block_size=int(description["block_size"]),
+                block_size=_int(description["block_size"]),
             )
         except (ValueError, TypeError, KeyError) as err:
             raise WireFormatError(f"{name!r} has an invalid format: {err}") from None
@@ -199,6 +212,8 @@ def _read_one(
         raise WireFormatError(f"{name!r} holds shape {array.shape}, described as {shape}")
     if array.dtype.kind not in "biuf":
         raise WireFormatError(f"{name!r} has unsupported dtype {array.dtype}")
+    if not array.dtype.isnative:
+        raise WireFormatError(f"{name!r} is {array.dtype.str}: arrays must be in native byte order")
     if array.dtype.kind == "f":
         if array.dtype != np.float32:
             raise WireFormatError(f"{name!r} is {array.dtype}; floats travel as float32")

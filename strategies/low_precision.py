@@ -29,6 +29,9 @@ from quantization.wire import (
 from .moving_average import ServerMovingAverage
 
 Weighting = Literal["num-examples", "uniform"]
+METRICS_KEY = "metrics"
+#: Largest accepted aggregation weight: sums of such weights stay far from overflow.
+MAX_WEIGHT = 1e12
 _PHASE_SEED = {"train": 0, "evaluate": 1}
 
 
@@ -75,7 +78,10 @@ class LowPrecisionStrategy(Strategy):
         self.moving_average = moving_average or ServerMovingAverage(decay=0.0)
         self.weighting = weighting
         self.float_buffers = frozenset(float_buffers)
-        self.max_update_bytes = max_update_bytes or 4 * _float32_bytes(self.template) + (1 << 20)
+        # An update is never larger than the model in float32 (every format is <= 4 bytes/value).
+        self.max_update_bytes = max_update_bytes or int(1.1 * _float32_bytes(self.template)) + (
+            1 << 16
+        )
         self.seed = seed
         self.traffic: dict[int, RoundTraffic] = {}
         self.arrayrecord_key: str = getattr(inner, "arrayrecord_key", "arrays")
@@ -197,21 +203,21 @@ class LowPrecisionStrategy(Strategy):
                 traffic.uplink_bytes += serialized_size(reply.content)
                 traffic.fp32_uplink_bytes += self._fp32_equivalent(reply.content, with_arrays)
                 reply.content = self._sanitize(reply.content, with_arrays)
-            except (WireFormatError, ValueError, TypeError, KeyError) as err:
+            except Exception as err:  # a bad update must never stop the server
                 reason = f"node {node}: {err}"
                 traffic.rejected.append(reason)
                 log(WARNING, "Round %d: rejected the reply from %s", server_round, reason)
                 continue
             accepted.append(reply)
-        return accepted
+        return _common_metrics(accepted)
 
     def _sanitize(self, content: RecordDict, with_arrays: bool) -> RecordDict:
         """A fresh RecordDict holding only dequantized float32 arrays and checked metrics."""
         metric_records = list(content.metric_records.items())
         if len(metric_records) != 1:
             raise WireFormatError(f"expected one MetricRecord, got {len(metric_records)}")
-        metrics_key, metrics = metric_records[0]
-        clean = RecordDict({metrics_key: self._checked_metrics(metrics)})
+        _, metrics = metric_records[0]
+        clean = RecordDict({METRICS_KEY: self._checked_metrics(metrics)})
         if with_arrays:
             array_records = content.array_records
             if set(array_records.keys()) != {self.arrayrecord_key}:
@@ -239,8 +245,10 @@ class LowPrecisionStrategy(Strategy):
         weight = metrics.get(self.weight_key)
         if isinstance(weight, bool) or not isinstance(weight, int | float):
             raise WireFormatError(f"metric {self.weight_key!r} is missing or not a number")
-        if not math.isfinite(weight) or weight <= 0:
-            raise WireFormatError(f"metric {self.weight_key!r} must be positive, got {weight}")
+        if not math.isfinite(weight) or not 0 < weight <= MAX_WEIGHT:
+            raise WireFormatError(
+                f"metric {self.weight_key!r} must be in (0, {MAX_WEIGHT:.0e}], got {weight}"
+            )
         for name, value in metrics.items():
             values = value if isinstance(value, list) else [value]
             if not all(math.isfinite(v) for v in values):
@@ -265,6 +273,19 @@ class LowPrecisionStrategy(Strategy):
 
     def _traffic(self, server_round: int) -> RoundTraffic:
         return self.traffic.setdefault(server_round, RoundTraffic())
+
+
+def _common_metrics(replies: list[Message]) -> list[Message]:
+    """Keep only metric keys every reply has: Flower's aggregation requires identical keys."""
+    contents = [r.content for r in replies if not r.has_error()]
+    if not contents:
+        return replies
+    common = set.intersection(*(set(c[METRICS_KEY].keys()) for c in contents))
+    for content in contents:
+        metrics = content[METRICS_KEY]
+        if set(metrics.keys()) != common:
+            content[METRICS_KEY] = MetricRecord({k: v for k, v in metrics.items() if k in common})
+    return replies
 
 
 def _array(value: np.ndarray) -> Array:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -60,13 +61,24 @@ def run_config_overrides(run_config: Mapping[str, Any]) -> list[str]:
         if value == "" or value is None:
             continue
         if key == FREE_FORM_KEY:
-            overrides.extend(shlex.split(str(value)))
+            lexer = shlex.shlex(str(value), posix=False)  # keeps quotes for Hydra
+            lexer.whitespace_split = True
+            overrides.extend(lexer)
         elif key == OUTPUT_DIR_KEY:
-            overrides.append(f"output_dir={value}")
+            overrides.append(f"output_dir={_hydra_value(value)}")
         else:
-            text = str(value).lower() if isinstance(value, bool) else str(value)
-            overrides.append(f"{key}={text}")
+            overrides.append(f"{key}={_hydra_value(value)}")
     return overrides
+
+
+def _hydra_value(value: Any) -> str:
+    """A run-config value as a Hydra override value (quoted when it has special characters)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    text = str(value)
+    if isinstance(value, int | float) or re.fullmatch(r"[\w./:+-]*", text):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def load_config(

@@ -1,0 +1,801 @@
+"""LowPrecisionStrategy: quantized broadcast, validated float32 aggregation, moving average."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import re
+from collections.abc import Callable, Iterator, Mapping
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp.strategy import FedAvg
+
+from client_app.app import app as client_app
+from quantization import FP32, BlockFloat, quantize
+from quantization.wire import (
+    TensorSpec,
+    decode_tensors,
+    encode_tensors,
+    float32_size,
+    serialized_size,
+    specs_of,
+)
+from strategies import LowPrecisionStrategy, ServerMovingAverage
+from strategies.factory import build_strategy
+from task.config import load_config
+from task.model import build_configured_model, float_buffer_names
+from tests.flower_harness import InProcessGrid, task_identity
+
+NODES = [11, 12, 13, 14]
+FLOAT_BUFFERS = frozenset({"bn.running_var"})
+UPLINK_BITS = 4
+DOWNLINK = BlockFloat(8, layout="auto")
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(autouse=True)
+def _identity_and_seed() -> Iterator[None]:
+    random.seed(0)  # Flower samples nodes with `random`
+    torch.manual_seed(0)
+    with task_identity():
+        yield
+
+
+class FakeGrid:
+    """Just enough of a Grid for ``configure_train``: the connected node ids."""
+
+    def __init__(self, nodes=NODES) -> None:
+        self.nodes = list(nodes)
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def _template() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "conv.weight": torch.randn(4, 2, 3, 3, generator=g),
+        "fc.weight": torch.randn(3, 8, generator=g),
+        "fc.bias": torch.randn(3, generator=g),
+        "bn.running_var": torch.rand(4, generator=g) + 0.5,
+        "bn.num_batches_tracked": torch.tensor(10),
+    }
+
+
+def _float_template() -> dict[str, torch.Tensor]:
+    return {k: v for k, v in _template().items() if v.is_floating_point()}
+
+
+def _client_state(node: int, template=None) -> dict[str, torch.Tensor]:
+    """A client's trained model: the template plus a node-specific perturbation."""
+    template = _template() if template is None else template
+    g = torch.Generator().manual_seed(node)
+    state = {}
+    for name, t in template.items():
+        if t.is_floating_point():
+            state[name] = t + 0.1 * torch.randn(t.shape, generator=g)
+        else:
+            state[name] = t + node  # e.g. num_batches_tracked grows
+    return state
+
+
+def _initial(template: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord({k: Array(v.numpy()) for k, v in template.items()})
+
+
+def _strategy(
+    template=None,
+    uplink_bits: int = UPLINK_BITS,
+    downlink: BlockFloat = DOWNLINK,
+    inner=None,
+    **kwargs,
+) -> LowPrecisionStrategy:
+    template = _template() if template is None else template
+    return LowPrecisionStrategy(
+        inner=inner or FedAvg(fraction_train=1.0, min_available_nodes=1),
+        template=specs_of(template),
+        uplink_bits=uplink_bits,
+        downlink=downlink,
+        float_buffers=FLOAT_BUFFERS & set(template),
+        **kwargs,
+    )
+
+
+def _requests(strategy: LowPrecisionStrategy, server_round: int = 1, template=None):
+    template = _template() if template is None else template
+    messages = list(
+        strategy.configure_train(server_round, _initial(template), ConfigRecord(), FakeGrid())
+    )
+    for m in messages:  # a Grid assigns ids when it pushes
+        m.metadata.__dict__["_message_id"] = f"request-{m.metadata.dst_node_id}"
+    return sorted(messages, key=lambda m: m.metadata.dst_node_id)
+
+
+def _reply(request: Message, content: RecordDict) -> Message:
+    reply = Message(content, reply_to=request)
+    reply.metadata.__dict__["_src_node_id"] = request.metadata.dst_node_id
+    return reply
+
+
+def _content(
+    state: Mapping[str, torch.Tensor],
+    num_examples=10,
+    bits: int = UPLINK_BITS,
+    seed: int = 0,
+    metrics: dict | None = None,
+) -> RecordDict:
+    fmt = FP32 if bits == 32 else BlockFloat(bits, layout="auto")
+    arrays, formats = encode_tensors(
+        state, fmt, torch.Generator().manual_seed(seed), keep_float=FLOAT_BUFFERS
+    )
+    values = {"num-examples": num_examples, "train-loss": 1.0 + seed}
+    if metrics is not None:
+        values = metrics
+    return RecordDict({"arrays": arrays, "arrays-format": formats, "metrics": MetricRecord(values)})
+
+
+def _decoded(content: RecordDict, template=None, bits: int = UPLINK_BITS) -> dict:
+    template = _template() if template is None else template
+    tensors = decode_tensors(
+        content["arrays"],
+        content["arrays-format"],
+        expected=specs_of(template),
+        bits=bits,
+        allow_float=FLOAT_BUFFERS,
+    )
+    return {k: v.numpy().astype(np.float64) for k, v in tensors.items()}
+
+
+def _weighted_mean(models: list[dict], weights: list[float]) -> dict[str, np.ndarray]:
+    total = sum(weights)
+    return {
+        name: sum(m[name] * (w / total) for m, w in zip(models, weights, strict=True))
+        for name in models[0]
+    }
+
+
+def _assert_model_close(arrays: ArrayRecord, expected: Mapping[str, np.ndarray], template):
+    assert set(arrays.keys()) == set(template)
+    for name, t in template.items():
+        got = arrays[name].numpy()
+        if t.is_floating_point():
+            assert got.dtype == np.float32, name
+            np.testing.assert_allclose(got, expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        else:
+            assert got.dtype == np.int64, name
+            np.testing.assert_array_equal(got, np.rint(expected[name]), err_msg=name)
+
+
+# ----------------------------------------------------------------------------- broadcast
+@pytest.mark.parametrize("bits", [8, 4])
+def test_configure_train_broadcasts_quantized_arrays(bits):
+    template = _template()
+    downlink = BlockFloat(bits, layout="auto")
+    strategy = _strategy(template, downlink=downlink)
+    config = ConfigRecord({"lr": 0.01})
+    messages = list(strategy.configure_train(1, _initial(template), config, FakeGrid()))
+
+    assert sorted(m.metadata.dst_node_id for m in messages) == NODES
+    content = messages[0].content
+    assert set(content.keys()) == {"arrays", "arrays-format", "config"}
+    arrays, formats = content["arrays"], content["arrays-format"]
+    for name, t in template.items():
+        description = json.loads(formats[name])
+        assert tuple(description["shape"]) == tuple(t.shape)
+        if name in FLOAT_BUFFERS:
+            assert arrays[name].numpy().dtype == np.float32
+            assert "bits" not in description
+        elif not t.is_floating_point():
+            assert arrays[name].numpy().dtype == np.int64
+            assert "bits" not in description
+        else:
+            mantissas = arrays[name].numpy()
+            assert mantissas.dtype == (np.int8 if bits == 8 else np.uint8)
+            assert mantissas.size == (t.numel() * bits + 7) // 8
+            assert arrays[name + "::exponents"].numpy().dtype == np.int8
+            assert description["bits"] == bits
+    # The config record travels unchanged (plus Flower's server-round).
+    assert content["config"]["lr"] == 0.01 and content["config"]["server-round"] == 1
+
+    # Clients decode it at the downlink width; values are on the grid and near the model.
+    decoded = decode_tensors(
+        arrays, formats, expected=specs_of(template), bits=bits, allow_float=FLOAT_BUFFERS
+    )
+    nearest = BlockFloat(bits, layout="auto", rounding="nearest")
+    for name, t in template.items():
+        if t.is_floating_point() and name not in FLOAT_BUFFERS:
+            assert torch.equal(quantize(decoded[name], nearest), decoded[name])
+            step = 2.0 ** (math.floor(math.log2(t.abs().max())) - bits + 2)
+            assert (decoded[name] - t).abs().max() <= step
+        else:
+            assert torch.equal(decoded[name], t)
+
+    # Traffic: what is sent, per message, and its float32 equivalent.
+    traffic = strategy.traffic[1]
+    sizes = [serialized_size(m.content) for m in messages]
+    assert len(set(sizes)) == 1
+    assert traffic.downlink_bytes == sum(sizes) == len(NODES) * serialized_size(content)
+    fp32_content = RecordDict({"arrays": _initial(template), "config": config})
+    assert traffic.fp32_downlink_bytes == len(NODES) * serialized_size(fp32_content)
+
+
+def test_configure_train_fp32_downlink_sends_float32():
+    template = _template()
+    strategy = _strategy(template, downlink=FP32)
+    messages = list(strategy.configure_train(1, _initial(template), ConfigRecord(), FakeGrid()))
+    arrays = messages[0].content["arrays"]
+    assert set(arrays.keys()) == set(template)
+    for name, t in template.items():
+        np.testing.assert_array_equal(arrays[name].numpy(), t.numpy())
+        assert arrays[name].numpy().dtype == t.numpy().dtype
+    assert strategy.traffic[1].downlink_bytes == len(NODES) * serialized_size(messages[0].content)
+
+
+def test_configure_train_keeps_config_and_fedprox_mu():
+    cfg = load_config({"overrides": "dataset=synthetic model=small_cnn strategy=fedprox"})
+    model = build_configured_model(cfg)
+    template = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    strategy = build_strategy(cfg, specs_of(template), float_buffer_names(model))
+    config = ConfigRecord({"lr": 0.05, "local-epochs": 1})
+
+    messages = list(strategy.configure_train(3, _initial(template), config, FakeGrid()))
+
+    assert len(messages) == int(len(NODES) * cfg.federation.fraction_train)
+    for m in messages:
+        sent = m.content["config"]
+        assert sent["lr"] == 0.05 and sent["local-epochs"] == 1
+        assert sent["server-round"] == 3
+        assert sent["proximal-mu"] == pytest.approx(cfg.strategy.proximal_mu)
+        assert m.content["arrays"]["classifier.weight"].numpy().dtype == np.int8
+
+
+# ----------------------------------------------------------------------------- aggregation
+def _aggregate_handmade(strategy, weights, template=None, bits=UPLINK_BITS):
+    template = _template() if template is None else template
+    requests = _requests(strategy, template=template)
+    contents = [
+        _content(_client_state(r.metadata.dst_node_id, template), w, bits=bits, seed=i)
+        for i, (r, w) in enumerate(zip(requests, weights, strict=False))
+    ]
+    models = [_decoded(c, template, bits) for c in contents]
+    replies = [_reply(r, c) for r, c in zip(requests, contents, strict=False)]
+    return strategy.aggregate_train(1, replies), models
+
+
+def test_aggregate_train_is_the_weighted_average_of_decoded_updates():
+    template = _template()
+    strategy = _strategy(template)
+    weights = [10, 30, 5, 55]
+    (arrays, metrics), models = _aggregate_handmade(strategy, weights, template)
+
+    _assert_model_close(arrays, _weighted_mean(models, weights), template)
+    expected_loss = sum(w * (1.0 + i) for i, w in enumerate(weights)) / sum(weights)
+    assert metrics["train-loss"] == pytest.approx(expected_loss)
+    assert strategy.traffic[1].rejected == []
+
+
+def test_aggregate_train_uniform_weighting_is_the_plain_mean():
+    template = _template()
+    strategy = _strategy(template, weighting="uniform")
+    weights = [10, 30, 5, 55]
+    (arrays, _), models = _aggregate_handmade(strategy, weights, template)
+
+    plain = _weighted_mean(models, [1, 1, 1, 1])
+    _assert_model_close(arrays, plain, template)
+    weighted = _weighted_mean(models, weights)
+    assert not np.allclose(weighted["fc.weight"], plain["fc.weight"])
+
+
+def test_aggregate_train_records_uplink_traffic():
+    template = _template()
+    strategy = _strategy(template)
+    requests = _requests(strategy, template=template)
+    replies = [_reply(r, _content(_client_state(r.metadata.dst_node_id))) for r in requests]
+    sent = sum(serialized_size(r.content) for r in replies)
+    # the same replies with the model as a plain float32 ArrayRecord and no format record
+    fp32 = sum(
+        serialized_size(RecordDict({"metrics": r.content["metrics"]})) for r in replies
+    ) + len(replies) * float32_size(template, "arrays")
+
+    strategy.aggregate_train(1, replies)
+
+    traffic = strategy.traffic[1]
+    assert traffic.uplink_bytes == sent
+    assert traffic.fp32_uplink_bytes == fp32
+
+
+def test_fp32_wrapper_equals_plain_fedavg_exactly():
+    template = _float_template()
+    strategy = _strategy(template, uplink_bits=32, downlink=FP32)
+    assert not strategy.moving_average.enabled
+    requests = _requests(strategy, template=template)
+    weights = [3, 7, 11, 13]
+    states = [_client_state(r.metadata.dst_node_id, template) for r in requests]
+    ours = [
+        _reply(r, _content(s, w, bits=32, seed=i))
+        for i, (r, s, w) in enumerate(zip(requests, states, weights, strict=True))
+    ]
+    plain = [
+        _reply(
+            r,
+            RecordDict(
+                {
+                    "arrays": ArrayRecord({k: Array(v.numpy()) for k, v in s.items()}),
+                    "metrics": MetricRecord({"num-examples": w, "train-loss": 1.0 + i}),
+                }
+            ),
+        )
+        for i, (r, s, w) in enumerate(zip(requests, states, weights, strict=True))
+    ]
+
+    arrays, metrics = strategy.aggregate_train(1, ours)
+    ref_arrays, ref_metrics = FedAvg().aggregate_train(1, plain)
+
+    assert list(arrays.keys()) == list(ref_arrays.keys())
+    for name in ref_arrays:
+        assert arrays[name].numpy().dtype == ref_arrays[name].numpy().dtype == np.float32
+        assert np.array_equal(arrays[name].numpy(), ref_arrays[name].numpy()), name
+    assert dict(metrics.items()) == dict(ref_metrics.items())
+
+
+def test_aggregate_train_on_real_client_app_replies():
+    run_config = {
+        "overrides": "dataset=synthetic model=small_cnn train.max_steps=0 train.batch_size=64 "
+        "federation.num_clients=3 federation.fraction_train=1.0 partition.scheme=dirichlet "
+        "partition.alpha=1.0 server.moving_average=0"
+    }
+    cfg = load_config(run_config)
+    model = build_configured_model(cfg)
+    template = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    strategy = build_strategy(cfg, specs_of(template), float_buffer_names(model))
+    grid = InProcessGrid(client_app, 3, run_config)
+
+    messages = strategy.configure_train(1, _initial(template), ConfigRecord(), grid)
+    replies = list(grid.send_and_receive(messages))
+
+    weights = [r.content["metrics"]["num-examples"] for r in replies]
+    assert len(set(weights)) == 3, weights  # unequal partitions: weighting matters
+    bits = int(cfg.quantization.uplink_bits)
+    models = [
+        {
+            k: v.numpy().astype(np.float64)
+            for k, v in decode_tensors(
+                r.content["arrays"], r.content["arrays-format"], specs_of(template), bits
+            ).items()
+        }
+        for r in replies
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+
+    assert strategy.traffic[1].rejected == []
+    _assert_model_close(arrays, _weighted_mean(models, weights), template)
+    assert math.isfinite(metrics["train-loss"])
+
+
+# ----------------------------------------------------------------------------- bad replies
+def _swap(content: RecordDict, key: str, value) -> RecordDict:
+    items = dict(content.items())
+    if value is None:
+        del items[key]
+    else:
+        items[key] = value
+    return RecordDict(items)
+
+
+def _edit(record, key: str, value):
+    items = dict(record.items())
+    if value is None:
+        del items[key]
+    else:
+        items[key] = value
+    return type(record)(items)
+
+
+def _edit_arrays(content: RecordDict, **edits) -> RecordDict:
+    arrays = content["arrays"]
+    for key, value in edits.items():
+        arrays = _edit(arrays, key.replace("__", "."), value)
+    return _swap(content, "arrays", arrays)
+
+
+def _edit_format(content: RecordDict, name: str, value) -> RecordDict:
+    return _swap(content, "arrays-format", _edit(content["arrays-format"], name, value))
+
+
+def _missing_key(c):
+    c = _edit_arrays(c, fc__bias=None)
+    c = _swap(c, "arrays", _edit(c["arrays"], "fc.bias::exponents", None))
+    return _edit_format(c, "fc.bias", None)
+
+
+def _extra_key(c):
+    c = _edit_arrays(c, extra=Array(np.zeros(3, np.float32)))
+    return _edit_format(c, "extra", json.dumps({"shape": [3]}))
+
+
+def _wrong_shape(c):
+    state = _client_state(99)
+    state["fc.bias"] = torch.randn(4)
+    return _content(state)
+
+
+def _wrong_dtype(c):
+    return _edit_arrays(c, bn__num_batches_tracked=Array(np.array(20, np.int32)))
+
+
+def _float64_buffer(c):
+    return _edit_arrays(c, bn__running_var=Array(np.ones(4, np.float64)))
+
+
+def _truncated(c):
+    packed = c["arrays"]["conv.weight"].numpy()
+    return _edit_arrays(c, conv__weight=Array(packed[:-1].copy()))
+
+
+def _nan_buffer(c):
+    return _edit_arrays(c, bn__running_var=Array(np.array([1, np.nan, 1, 1], np.float32)))
+
+
+def _inf_buffer(c):
+    return _edit_arrays(c, bn__running_var=Array(np.array([1, np.inf, 1, 1], np.float32)))
+
+
+def _inf_from_codes(c):
+    # 4-bit code -8 (packed 0x88) with exponent 127 decodes to -2^128 = -inf in float32.
+    c = _edit_arrays(c, fc__bias=Array(np.array([0x88, 0x08], np.uint8)))
+    return _swap(c, "arrays", _edit(c["arrays"], "fc.bias::exponents", Array(np.int8([127]))))
+
+
+def _oversized(c):
+    return _edit_arrays(c, padding=Array(np.zeros(1 << 16, np.uint8)))
+
+
+def _metrics(values):
+    return lambda c: _swap(c, "metrics", MetricRecord(values))
+
+
+def _two_metric_records(c):
+    return _swap(c, "more-metrics", MetricRecord({"num-examples": 5}))
+
+
+def _no_metrics(c):
+    return _swap(c, "metrics", None)
+
+
+def _no_format(c):
+    return _swap(c, "arrays-format", None)
+
+
+def _no_arrays(c):
+    return _swap(c, "arrays", None)
+
+
+def _two_array_records(c):
+    return _swap(c, "other", ArrayRecord({"x": Array(np.zeros(1, np.float32))}))
+
+
+def _renamed_arrays(c):
+    c = _swap(c, "weights", c["arrays"])
+    return _swap(c, "arrays", None)
+
+
+def _malformed_format(c):
+    return _edit_format(c, "fc.bias", "{not json")
+
+
+def _int_buffer_quantized(c):
+    q_arrays, q_formats = encode_tensors(
+        {"bn.num_batches_tracked": torch.tensor(20.0)}, BlockFloat(UPLINK_BITS)
+    )
+    c = _swap(c, "arrays", ArrayRecord({**dict(c["arrays"].items()), **dict(q_arrays.items())}))
+    return _edit_format(c, "bn.num_batches_tracked", q_formats["bn.num_batches_tracked"])
+
+
+BAD_REPLIES: dict[str, tuple[Callable[[RecordDict], RecordDict], str]] = {
+    "missing key": (_missing_key, r"missing \['fc.bias'\]"),
+    "extra key": (_extra_key, r"extra \['extra'\]"),
+    "wrong shape": (_wrong_shape, r"'fc.bias' has shape \(4,\), expected \(3,\)"),
+    "wrong int dtype": (_wrong_dtype, "has dtype int32, expected torch.int64"),
+    "float64 buffer": (_float64_buffer, "floats travel as float32"),
+    "int buffer quantized": (_int_buffer_quantized, "must travel unquantized"),
+    "truncated packed bytes": (_truncated, "mantissas hold 35 values"),
+    "wrong bits": (lambda c: _content(_client_state(99), bits=8), "8-bit mantissas, expected 4"),
+    "float32 weights": (lambda c: _content(_client_state(99), bits=32), "is float32, expected 4"),
+    "nan": (_nan_buffer, "contains NaN or inf"),
+    "inf": (_inf_buffer, "contains NaN or inf"),
+    "inf from valid codes": (_inf_from_codes, "'fc.bias' contains NaN or inf"),
+    "oversized payload": (_oversized, "exceeds the limit"),
+    "malformed format": (_malformed_format, "format of 'fc.bias' is malformed"),
+    "missing num-examples": (_metrics({"train-loss": 1.0}), "'num-examples' is missing"),
+    "zero num-examples": (_metrics({"num-examples": 0}), "must be in \\(0, "),
+    "negative num-examples": (_metrics({"num-examples": -5}), "must be in \\(0, "),
+    "nan num-examples": (_metrics({"num-examples": float("nan")}), "must be in \\(0, "),
+    "inf num-examples": (_metrics({"num-examples": float("inf")}), "must be in \\(0, "),
+    "list num-examples": (_metrics({"num-examples": [1, 2]}), "missing or not a number"),
+    "non-finite metric": (_metrics({"num-examples": 5, "train-loss": float("inf")}), "finite"),
+    "two metric records": (_two_metric_records, "expected one MetricRecord, got 2"),
+    "no metric record": (_no_metrics, "expected one MetricRecord, got 0"),
+    "missing arrays-format": (_no_format, "'arrays-format' is missing"),
+    "no array record": (_no_arrays, "expected one ArrayRecord 'arrays'"),
+    "two array records": (_two_array_records, "expected one ArrayRecord 'arrays'"),
+    "renamed array record": (_renamed_arrays, "expected one ArrayRecord 'arrays'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REPLIES))
+def test_bad_reply_is_dropped_and_logged(case, caplog):
+    mutate, reason = BAD_REPLIES[case]
+    template = _template()
+    good_payload = _content(_client_state(1)).get("arrays").count_bytes()
+    strategy = _strategy(template, max_update_bytes=4 * good_payload)
+    requests = _requests(strategy, template=template)
+    bad_node = requests[1].metadata.dst_node_id
+    weights = [10, 20, 30, 40]
+    contents = [
+        _content(_client_state(r.metadata.dst_node_id), w, seed=i)
+        for i, (r, w) in enumerate(zip(requests, weights, strict=True))
+    ]
+    good = [0, 2, 3]
+    models = [_decoded(contents[i]) for i in good]
+    contents[1] = mutate(contents[1])
+    replies = [_reply(r, c) for r, c in zip(requests, contents, strict=True)]
+
+    with caplog.at_level(logging.WARNING):
+        arrays, metrics = strategy.aggregate_train(1, replies)
+
+    rejected = strategy.traffic[1].rejected
+    assert len(rejected) == 1, rejected
+    assert rejected[0].startswith(f"node {bad_node}: ")
+    assert re.search(reason, rejected[0]), rejected[0]
+    assert any(
+        r.levelno == logging.WARNING and f"node {bad_node}" in r.getMessage()
+        for r in caplog.records
+    )
+    _assert_model_close(arrays, _weighted_mean(models, [weights[i] for i in good]), template)
+    assert metrics["train-loss"] == pytest.approx((10 * 1.0 + 30 * 3.0 + 40 * 4.0) / 80)
+
+
+def test_error_reply_is_skipped():
+    template = _template()
+    strategy = _strategy(template)
+    requests = _requests(strategy, template=template)
+    weights = [10, 20, 30]
+    contents = [
+        _content(_client_state(r.metadata.dst_node_id), w, seed=i)
+        for i, (r, w) in enumerate(zip(requests[:3], weights, strict=True))
+    ]
+    replies = [_reply(r, c) for r, c in zip(requests, contents, strict=False)]
+    failed = Message(Error(code=0, reason="client crashed"), reply_to=requests[3])
+    failed.metadata.__dict__["_src_node_id"] = requests[3].metadata.dst_node_id
+    replies.append(failed)
+
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    _assert_model_close(arrays, _weighted_mean([_decoded(c) for c in contents], weights), template)
+    assert strategy.traffic[1].rejected == []
+
+
+def test_all_replies_bad_returns_none():
+    template = _template()
+    strategy = _strategy(template)
+    requests = _requests(strategy, template=template)
+    replies = [
+        _reply(requests[0], _no_format(_content(_client_state(1)))),
+        _reply(requests[1], _metrics({"num-examples": 0})(_content(_client_state(2)))),
+        _reply(requests[2], _nan_buffer(_content(_client_state(3)))),
+    ]
+    failed = Message(Error(code=0, reason="boom"), reply_to=requests[3])
+    failed.metadata.__dict__["_src_node_id"] = requests[3].metadata.dst_node_id
+    replies.append(failed)
+
+    assert strategy.aggregate_train(1, replies) == (None, None)
+    assert len(strategy.traffic[1].rejected) == 3
+    assert strategy.aggregate_train(2, []) == (None, None)
+
+
+def test_aggregate_evaluate_drops_bad_metrics():
+    template = _template()
+    strategy = _strategy(template)
+    requests = _requests(strategy, template=template)
+    replies = [
+        _reply(requests[0], RecordDict({"m": MetricRecord({"num-examples": 10, "acc": 0.5})})),
+        _reply(requests[1], RecordDict({"m": MetricRecord({"num-examples": 30, "acc": 0.9})})),
+        _reply(requests[2], RecordDict({"m": MetricRecord({"num-examples": 0, "acc": 0.0})})),
+    ]
+    metrics = strategy.aggregate_evaluate(1, replies)
+    assert metrics["acc"] == pytest.approx(0.8)
+    assert len(strategy.traffic[1].rejected) == 1
+
+
+def test_infinity_in_reply_format_is_dropped():
+    template = _template()
+    strategy = _strategy(template)
+    requests = _requests(strategy, template=template)
+    contents = [_content(_client_state(r.metadata.dst_node_id)) for r in requests]
+    description = json.loads(contents[1]["arrays-format"]["fc.bias"])
+    description["shape"] = [float("inf")]
+    contents[1] = _edit_format(contents[1], "fc.bias", json.dumps(description))
+    replies = [_reply(r, c) for r, c in zip(requests, contents, strict=True)]
+
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    assert arrays is not None
+    assert len(strategy.traffic[1].rejected) == 1
+
+
+@pytest.mark.parametrize("variant", ["extra metric", "renamed record"])
+def test_reply_with_different_metric_keys_does_not_crash(variant):
+    template = _template()
+    strategy = _strategy(template)
+    requests = _requests(strategy, template=template)
+    contents = [_content(_client_state(r.metadata.dst_node_id)) for r in requests]
+    if variant == "extra metric":
+        contents[1] = _metrics({"num-examples": 10, "train-loss": 1.0, "extra": 2.0})(contents[1])
+    else:
+        contents[1] = _swap(contents[1], "client-metrics", contents[1]["metrics"])
+        contents[1] = _swap(contents[1], "metrics", None)
+    replies = [_reply(r, c) for r, c in zip(requests, contents, strict=True)]
+
+    arrays, _ = strategy.aggregate_train(1, replies)  # raises today
+
+    assert arrays is not None
+
+
+def test_huge_num_examples_do_not_zero_the_model():
+    template = _float_template()
+    strategy = _strategy(template)
+    requests = _requests(strategy, template=template)[:2]
+    contents = [
+        _content(_client_state(r.metadata.dst_node_id, template), 1e308, seed=i)
+        for i, r in enumerate(requests)
+    ]
+    models = [_decoded(c, template) for c in contents]
+    replies = [_reply(r, c) for r, c in zip(requests, contents, strict=True)]
+
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    # Either reject the implausible weights, or average correctly - never a zero model.
+    if arrays is not None:
+        _assert_model_close(arrays, _weighted_mean(models, [1, 1]), template)
+
+
+# ----------------------------------------------------------------------------- moving average
+def _model(value: float, count: int = 1) -> dict[str, np.ndarray]:
+    return {
+        "w": np.full((2, 3), value, np.float32),
+        "n": np.array(count, np.int64),
+    }
+
+
+def test_moving_average_decay_zero_passes_through():
+    ma = ServerMovingAverage(decay=0.0)
+    assert not ma.enabled
+    for r, v in enumerate([1.0, 5.0, -2.0], start=1):
+        out = ma.update(r, _model(v, r))
+        np.testing.assert_array_equal(out["w"], _model(v)["w"])
+        assert int(out["n"]) == r
+
+
+def test_moving_average_from_round_one():
+    ma = ServerMovingAverage(decay=0.9, start_round=1, warmup=False)
+    w1, w2, w3 = _model(1.0), _model(2.0), _model(4.0)
+    np.testing.assert_array_equal(ma.update(1, w1)["w"], w1["w"])  # first model is the average
+    out2 = ma.update(2, w2)
+    np.testing.assert_allclose(out2["w"], 0.9 * 1.0 + 0.1 * 2.0, rtol=1e-6)
+    assert out2["w"].dtype == np.float32
+    out3 = ma.update(3, w3)
+    np.testing.assert_allclose(out3["w"], 0.9 * (0.9 + 0.2) + 0.1 * 4.0, rtol=1e-6)
+
+
+def test_moving_average_start_round():
+    ma = ServerMovingAverage(decay=0.9, start_round=3, warmup=False)
+    for r, v in [(1, 1.0), (2, 2.0)]:
+        np.testing.assert_array_equal(ma.update(r, _model(v))["w"], _model(v)["w"])
+    assert ma.average is None
+    np.testing.assert_array_equal(ma.update(3, _model(3.0))["w"], _model(3.0)["w"])
+    out = ma.update(4, _model(5.0))
+    np.testing.assert_allclose(out["w"], 0.9 * 3.0 + 0.1 * 5.0, rtol=1e-6)
+
+
+def test_moving_average_warmup():
+    ma = ServerMovingAverage(decay=0.9, warmup=True)
+    expected = 7.0
+    ma.update(1, _model(expected))
+    rng = np.random.default_rng(0)
+    for n in range(1, 40):
+        lam = min(0.9, (1 + n) / (10 + n))
+        assert ma.decay_at(n) == pytest.approx(lam)
+        value = float(rng.normal())
+        expected = lam * expected + (1 - lam) * value
+        out = ma.update(n + 1, _model(value))
+        np.testing.assert_allclose(out["w"], expected, rtol=1e-5, atol=1e-6)
+    assert ma.decay_at(1) == pytest.approx(2 / 11) and ma.decay_at(100) == 0.9
+
+
+def test_moving_average_int_buffers_take_newest_value():
+    ma = ServerMovingAverage(decay=0.9, warmup=False)
+    ma.update(1, _model(1.0, count=100))
+    out = ma.update(2, _model(2.0, count=7))
+    assert out["n"].dtype == np.int64 and int(out["n"]) == 7
+    assert float(out["w"][0, 0]) == pytest.approx(1.1)
+
+
+@pytest.mark.parametrize("decay", [1.0, -0.1, 1.5])
+def test_moving_average_invalid_decay(decay):
+    with pytest.raises(ValueError, match="decay must be in"):
+        ServerMovingAverage(decay=decay)
+
+
+def test_moving_average_invalid_start_round():
+    with pytest.raises(ValueError, match="start round must be >= 1"):
+        ServerMovingAverage(decay=0.5, start_round=0)
+
+
+def test_strategy_broadcasts_the_moving_average():
+    template = _float_template()
+    strategy = _strategy(
+        template,
+        uplink_bits=32,
+        downlink=FP32,
+        moving_average=ServerMovingAverage(decay=0.9, warmup=False),
+    )
+    history = []
+    for server_round, value in [(1, 1.0), (2, 3.0)]:
+        requests = _requests(strategy, server_round, template)
+        state = {k: torch.full_like(v, value) for k, v in template.items()}
+        replies = [_reply(r, _content(state, 10, bits=32)) for r in requests]
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+        history.append(arrays["fc.weight"].numpy())
+    np.testing.assert_allclose(history[0], 1.0)
+    np.testing.assert_allclose(history[1], 0.9 * 1.0 + 0.1 * 3.0, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- inner strategies
+@pytest.mark.parametrize(
+    "name", ["fedadam", "fedyogi", "fedadagrad", "fedavgm", "fedmedian", "fedtrimmedavg", "fedprox"]
+)
+def test_inner_strategy_runs_two_rounds_with_the_real_client_app(name):
+    run_config = {
+        "overrides": f"dataset=synthetic model=small_cnn strategy={name} train.max_steps=2 "
+        "federation.num_clients=4"
+    }
+    cfg = load_config(run_config)
+    model = build_configured_model(cfg)
+    template = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    strategy = build_strategy(cfg, specs_of(template), float_buffer_names(model))
+    assert type(strategy.inner).__name__.lower() == name
+    grid = InProcessGrid(client_app, 4, run_config)
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=_initial(template),
+        num_rounds=2,
+        train_config=ConfigRecord({"lr": float(cfg.train.lr)}),
+    )
+
+    assert set(result.arrays.keys()) == set(template)
+    changed = False
+    for key, t in template.items():
+        value = result.arrays[key].numpy()
+        assert value.dtype == np.float32 and value.shape == tuple(t.shape), key
+        assert np.isfinite(value).all(), key
+        changed |= not np.array_equal(value, t.numpy())
+    assert changed
+    assert sorted(result.train_metrics_clientapp) == [1, 2]
+    for server_round in (1, 2):
+        assert strategy.traffic[server_round].rejected == []
+        assert strategy.traffic[server_round].uplink_bytes > 0
+    assert isinstance(strategy.template["classifier.weight"], TensorSpec)

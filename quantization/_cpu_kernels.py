@@ -12,8 +12,6 @@ unbiased to within 2^-32 of a step.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic
@@ -103,42 +101,40 @@ def _round_segment(xs, outs, first, scale_a, scale_b, step, lo, hi, mode, k1, k2
             outs[j] = (min(max(r, lo), hi) + _F32(0.0)) * step
 
 
-@njit(inline="always")
-def _pow2_f32(k):
-    """2^k as float32, exact for -149 <= k <= 127 (subnormals included)."""
-    return _F32(math.ldexp(1.0, k))
+# 2^k as float32 for k in [-149, 127], subnormals included: a table beats ldexp per block.
+_POW2 = np.ldexp(np.float32(1.0), np.arange(-149, 128)).astype(np.float32)
+_POW2_OFFSET = 149
 
 
-def _quantize_flat(bits, x, block_len, nbits, mode, k1, k2, codes_only, out, exps):
-    """Quantize flat float32 ``x`` (``bits`` is its int32 view) in blocks of ``block_len``.
-
-    Writes codes (``codes_only``) or float32 values to ``out`` and exponents to ``exps``.
-    Returns False, writing nothing to ``out``, if ``x`` holds NaN or inf.
-    """
-    n = x.size
-    nblocks = exps.size
-    keys = np.zeros(nblocks, dtype=np.int32)
-    for b in range(nblocks):
+def _block_keys(bits, block_len, keys):
+    """keys[b] = the largest magnitude key of block b (see ``_segment_key_max``)."""
+    n = bits.size
+    for b in range(keys.size):
         keys[b] = _segment_key_max(bits[b * block_len : min(n, (b + 1) * block_len)])
-    if nblocks > 0 and keys.max() >= _FLOAT_EXPONENT_ALL_ONES:
-        return False
+
+
+def _round_blocks(x, block_len, nbits, mode, k1, k2, codes_only, keys, pow2, out, exps):
+    """Round every element given its block's magnitude key (``out`` must not overlap ``x``:
+    aliasing makes LLVM fall back to scalar code)."""
+    n = x.size
     lo = _F32(-(1 << (nbits - 1)))
     hi = _F32((1 << (nbits - 1)) - 1)
-    for b in range(nblocks):
+    for b in range(keys.size):
         e = _exponent_of_key(keys[b])
         exps[b] = e
         k = nbits - 2 - e
-        scale_a = _pow2_f32(k // 2)
-        scale_b = _pow2_f32(k - k // 2)
-        step = _F32(1.0) if codes_only else _pow2_f32(-k)
+        scale_a = pow2[k // 2 + _POW2_OFFSET]
+        scale_b = pow2[k - k // 2 + _POW2_OFFSET]
+        step = _F32(1.0) if codes_only else pow2[-k + _POW2_OFFSET]
         i0, i1 = b * block_len, min(n, (b + 1) * block_len)
         _round_segment(x[i0:i1], out[i0:i1], i0, scale_a, scale_b, step, lo, hi, mode, k1, k2)
-    return True
 
 
-# Serial on purpose: numba's thread pools (omp, workqueue) fight torch's OpenMP pool for the
-# same cores; measured 10-35x slower training steps on 2 cores. One pass is memory-bound anyway.
-_quantize_kernel = njit(cache=True, nogil=True)(_quantize_flat)
+# Serial on purpose: numba's thread pools (omp, workqueue) and Python threads fought torch's
+# OpenMP pool for the cores here (10-35x slower training steps with numba's pools on small
+# tensors; erratic 2-13 ms per 4M-element call with threads); single-threaded it is steady.
+_keys_kernel = njit(cache=True, nogil=True)(_block_keys)
+_round_kernel = njit(cache=True, nogil=True)(_round_blocks)
 
 
 def quantize_flat(
@@ -151,9 +147,15 @@ def quantize_flat(
     out: np.ndarray,
     exps: np.ndarray,
 ) -> bool:
-    """Block-quantize contiguous float32 ``x`` into ``out`` and ``exps``; False on NaN/inf."""
-    return _quantize_kernel(
-        x.view(np.int32),
+    """Block-quantize contiguous float32 ``x`` into ``out`` (not overlapping it) and ``exps``.
+
+    Returns False, having written nothing, if ``x`` holds NaN or inf.
+    """
+    keys = np.zeros(exps.size, dtype=np.int32)
+    _keys_kernel(x.view(np.int32), block_len, keys)
+    if keys.size and keys.max() >= _FLOAT_EXPONENT_ALL_ONES:
+        return False
+    _round_kernel(
         x,
         block_len,
         bits,
@@ -161,6 +163,9 @@ def quantize_flat(
         np.uint32(key[0]),
         np.uint32(key[1]),
         codes_only,
+        keys,
+        _POW2,
         out,
         exps,
     )
+    return True

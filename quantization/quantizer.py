@@ -95,7 +95,6 @@ def _quantize(
     fmt: BlockFloat,
     generator: torch.Generator | None,
     codes: bool,
-    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes or float32 values shaped like ``x``, exponents) for ``x`` in format ``fmt``."""
     shape = tuple(x.shape)
@@ -105,7 +104,7 @@ def _quantize(
     key = draw_key(generator) if mode == _cpu_kernels.ROUND_STOCHASTIC else 0
     out_dtype = code_dtype(fmt.bits) if codes else torch.float32
     if _cpu_kernels_enabled and flat.device.type == "cpu":
-        result = out.view(-1) if out is not None else torch.empty(flat.numel(), dtype=out_dtype)
+        result = torch.empty(flat.numel(), dtype=out_dtype)
         exps = torch.empty(num_blocks, dtype=torch.int16)
         finite = _cpu_kernels.quantize_flat(
             flat.numpy(),
@@ -162,11 +161,8 @@ def quantize_(
     """In-place ``quantize`` (weights, gradients, optimizer state); returns ``x``."""
     if not fmt.enabled or x.numel() == 0:
         return x
-    inplace = x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
-    values, _ = _quantize(x, fmt, generator, codes=False, out=x if inplace else None)
-    if values.data_ptr() != x.data_ptr():
-        x.copy_(values)
-    return x
+    values, _ = _quantize(x, fmt, generator, codes=False)  # out of place: aliasing is slow
+    return x.copy_(values)
 
 
 def quantize_codes(

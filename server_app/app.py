@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from datetime import datetime
 from logging import INFO, WARNING
@@ -22,6 +23,7 @@ from task.data import central_test_data
 from task.model import build_configured_model, float_buffer_names
 from task.training import evaluate_model
 
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, restore, save_checkpoint
 from .results import ResultsWriter, RoundRow, format_row
 
 app = ServerApp()
@@ -54,12 +56,15 @@ class RoundRecorder:
         self.last_time = time.perf_counter()
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """Evaluate ``arrays`` (the moving average) centrally and record the round."""
-        state = {name: torch.from_numpy(arrays[name].numpy()) for name in arrays}
-        self.model.load_state_dict(state)
+        """Evaluate ``arrays`` (the moving average) centrally, record the round, checkpoint it."""
+        server_round += self.strategy.round_offset
+        state = {name: arrays[name].numpy() for name in arrays}
+        self.model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
         loss, accuracy = evaluate_model(
             self.model.to(self.device), self.test_data, self.cfg.server.eval_batch_size, self.device
         )
+        if any(row.round == server_round for row in self.writer.rows):
+            return MetricRecord({"accuracy": accuracy, "loss": loss})  # resumed: already recorded
         now = time.perf_counter()
         traffic = self.strategy.traffic.get(server_round)
         row = RoundRow(
@@ -74,9 +79,32 @@ class RoundRecorder:
             rejected_updates=len(traffic.rejected) if traffic else 0,
         )
         self.last_time = now
-        self.writer.add(row)
+        self.writer.add(row)  # first the row, then the checkpoint: a resume never skips a row
+        save_checkpoint(self.writer.output_dir, server_round, state, self.strategy.moving_average)
         log(INFO, "%s", format_row(row, int(self.cfg.federation.num_rounds)))
         return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+
+def _resume(
+    out: Path, strategy: LowPrecisionStrategy, writer: ResultsWriter, names: list[str]
+) -> ArrayRecord:
+    """Restore the server state saved after the last finished round; returns its model."""
+    checkpoint = load_checkpoint(out)
+    if checkpoint is None:
+        raise FileNotFoundError(
+            f"server.resume=true but {out / CHECKPOINT_NAME} does not exist: set output_dir to "
+            "the folder of the run to continue, or drop server.resume"
+        )
+    if set(checkpoint.model) != set(names):
+        raise ValueError(
+            f"{out / CHECKPOINT_NAME} holds another model's tensors: resume with the same "
+            "model and dataset settings as the run that wrote it"
+        )
+    restore(checkpoint, strategy.moving_average, names)
+    strategy.round_offset = checkpoint.round
+    writer.load_rows(up_to=checkpoint.round)
+    log(INFO, "Resuming after round %d from %s", checkpoint.round, out / CHECKPOINT_NAME)
+    return ArrayRecord({name: Array(checkpoint.model[name]) for name in names})
 
 
 def _train_config(cfg: DictConfig) -> ConfigRecord:
@@ -87,6 +115,7 @@ def _train_config(cfg: DictConfig) -> ConfigRecord:
 def main(grid: Grid, context: Context) -> None:
     """Run the configured low-precision federated training and save everything it produced."""
     cfg = load_config(context.run_config)
+    random.seed(int(cfg.seed))  # Flower samples clients with Python's random module
     out = output_directory(cfg)
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     writer = ResultsWriter(out, config_dict)
@@ -94,6 +123,9 @@ def main(grid: Grid, context: Context) -> None:
     model = build_configured_model(cfg)
     template = {name: t.detach().clone() for name, t in model.state_dict().items()}
     strategy = build_strategy(cfg, specs_of(template), float_buffer_names(model))
+    initial = ArrayRecord({name: Array(t.numpy()) for name, t in template.items()})
+    if cfg.server.resume:
+        initial = _resume(out, strategy, writer, list(template))
     connected = len(list(grid.get_node_ids()))
     if connected and connected != cfg.federation.num_clients:
         log(
@@ -104,11 +136,10 @@ def main(grid: Grid, context: Context) -> None:
             connected,
             cfg.federation.num_clients,
         )
-    initial = ArrayRecord({name: Array(t.numpy()) for name, t in template.items()})
     result = strategy.start(
         grid=grid,
         initial_arrays=initial,
-        num_rounds=int(cfg.federation.num_rounds),
+        num_rounds=int(cfg.federation.num_rounds) - strategy.round_offset,
         timeout=float(cfg.federation.round_timeout),
         train_config=_train_config(cfg),
         evaluate_config=ConfigRecord(),

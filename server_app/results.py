@@ -41,6 +41,12 @@ class ResultsWriter:
         self.rows: list[RoundRow] = []
         output_dir.mkdir(parents=True, exist_ok=True)
 
+    def load_rows(self, up_to: int) -> None:
+        """Take back the rows of rounds <= ``up_to`` from an earlier run's results.json."""
+        path = self.output_dir / "results.json"
+        rows = json.loads(path.read_text())["rounds"] if path.exists() else []
+        self.rows = [RoundRow(**row) for row in rows if row["round"] <= up_to]
+
     def add(self, row: RoundRow) -> None:
         """Record a round and persist everything so far."""
         self.rows.append(row)

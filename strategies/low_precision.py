@@ -84,6 +84,8 @@ class LowPrecisionStrategy(Strategy):
         )
         self.seed = seed
         self.traffic: dict[int, RoundTraffic] = {}
+        #: Rounds already done before this run (a resumed run): Flower's loop counts from 1.
+        self.round_offset = 0
         self.arrayrecord_key: str = getattr(inner, "arrayrecord_key", "arrays")
         self.weight_key: str = getattr(inner, "weighted_by_key", "num-examples")
         self._fp32_arrays_bytes = _fp32_record_bytes(self.template, self.arrayrecord_key)
@@ -118,6 +120,7 @@ class LowPrecisionStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Let the inner strategy sample and configure, then quantize the model it sends."""
+        server_round += self.round_offset
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         return self._quantize_broadcast(server_round, "train", arrays, messages)
 
@@ -125,6 +128,7 @@ class LowPrecisionStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Same as ``configure_train`` for federated evaluation."""
+        server_round += self.round_offset
         messages = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
         return self._quantize_broadcast(server_round, "evaluate", arrays, messages)
 
@@ -165,6 +169,7 @@ class LowPrecisionStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate and dequantize replies, aggregate with the inner strategy, then average."""
+        server_round += self.round_offset
         accepted = self._accept(server_round, replies, with_arrays=True)
         if not any(not reply.has_error() for reply in accepted):
             log(
@@ -184,6 +189,7 @@ class LowPrecisionStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Validate replies' metrics, then aggregate them with the inner strategy."""
+        server_round += self.round_offset
         accepted = self._accept(server_round, replies, with_arrays=False)
         if not accepted:
             return None
@@ -209,6 +215,8 @@ class LowPrecisionStrategy(Strategy):
                 log(WARNING, "Round %d: rejected the reply from %s", server_round, reason)
                 continue
             accepted.append(reply)
+        # Arrival order varies; a fixed order makes float32 sums (and resumed runs) reproducible.
+        accepted.sort(key=lambda r: r.metadata.src_node_id)
         return _common_metrics(accepted)
 
     def _sanitize(self, content: RecordDict, with_arrays: bool) -> RecordDict:

@@ -157,6 +157,11 @@ def validate_config(cfg: DictConfig) -> None:
         "use num-examples or uniform",
     )
     require(server.eval_batch_size >= 1, "server.eval_batch_size", "must be >= 1")
+    require(
+        not server.resume or cfg.output_dir != "",
+        "server.resume",
+        "needs output_dir set to the folder of the run to continue",
+    )
     q = cfg.quantization
     require(q.weight_layout in LAYOUTS, "quantization.weight_layout", f"use one of {LAYOUTS}")
     require(q.wire_layout in LAYOUTS, "quantization.wire_layout", f"use one of {LAYOUTS}")

@@ -22,7 +22,7 @@ OVERRIDES = (
 )
 
 
-class Killed(RuntimeError):
+class KilledError(RuntimeError):
     """Stands in for the server process dying mid-run."""
 
 
@@ -34,7 +34,7 @@ def _run(out: Path, extra: str = "", kill_in_round: int | None = None) -> None:
         if reply.metadata.message_type.startswith("train"):
             calls["train"] += 1
             if kill_in_round is not None and calls["train"] > 2 * (kill_in_round - 1):
-                raise Killed(f"killed in round {kill_in_round}")
+                raise KilledError(f"killed in round {kill_in_round}")
         return reply
 
     grid = InProcessGrid(client_app, NUM_NODES, run_config, tamper=tamper)
@@ -56,7 +56,7 @@ def _one_thread():
 def test_killed_run_resumes_to_the_same_final_state(tmp_path: Path) -> None:
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     _run(whole)
-    with pytest.raises(Killed):
+    with pytest.raises(KilledError):
         _run(resumed, kill_in_round=3)
     checkpoint = load_checkpoint(resumed)
     assert checkpoint is not None and checkpoint.round == 2

@@ -1,0 +1,104 @@
+"""Run a grid of Hydra settings as real Flower simulations and summarise them.
+
+    python -m experiments.sweep --name mnist-precision --num-supernodes 20 \\
+        --base "dataset=mnist model=small_cnn federation.num_rounds=30 federation.num_clients=20" \\
+        --axis "quantization=fp32,bfp8,bfp6,bfp4" --axis "server.moving_average=0,0.9" \\
+        --axis "partition.alpha=0.1,0.03" --axis "seed=0,1,2"
+
+Each combination is one ``flwr run . --stream`` (via ``scripts.flwr_local``) writing its own
+``results.json`` under ``outputs/sweeps/<name>/<combination>/``; finished combinations are
+skipped on a rerun, so an interrupted sweep continues where it stopped. ``summary.csv``,
+``summary.md`` and plots are rebuilt from whatever results exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from scripts.flwr_local import PROJECT_DIR, run_simulation
+
+from .summary import summarise
+
+DEFAULT_ROOT = PROJECT_DIR / "outputs" / "sweeps"
+
+
+def combinations(axes: Sequence[str]) -> list[list[str]]:
+    """Every combination of ``key=v1,v2`` axes, as lists of Hydra overrides."""
+    options = []
+    for axis in axes:
+        key, _, values = axis.partition("=")
+        if not key or not values:
+            raise ValueError(f"axis {axis!r} is not 'key=value1,value2,...'")
+        options.append([f"{key}={value}" for value in values.split(",")])
+    return [list(combo) for combo in itertools.product(*options)]
+
+
+def run_name(overrides: Sequence[str]) -> str:
+    """A folder name for one combination, e.g. ``quantization=bfp8__seed=1``."""
+    return "__".join(o.replace("/", "-") for o in overrides) or "default"
+
+
+def run_sweep(
+    name: str,
+    base: str,
+    axes: Sequence[str],
+    num_supernodes: int,
+    root: Path = DEFAULT_ROOT,
+    timeout: float | None = None,
+) -> Path:
+    """Run every combination not finished yet; returns the sweep folder."""
+    sweep_dir = root / name
+    combos = combinations(axes)
+    started = time.perf_counter()
+    for index, overrides in enumerate(combos, start=1):
+        out = sweep_dir / run_name(overrides)
+        if (out / "model.safetensors").exists():
+            print(f"[{index}/{len(combos)}] {out.name}: done already", flush=True)
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        all_overrides = f"{base} {' '.join(overrides)}".strip()
+        t0 = time.perf_counter()
+        code = run_simulation(
+            run_config=f"overrides='{all_overrides}' output-dir='{out}'",
+            num_supernodes=num_supernodes,
+            flwr_home=sweep_dir / ".flwr_home",
+            timeout=timeout,
+            log_path=out / "flwr.log",
+        )
+        rows = _rows(out)
+        last = f"accuracy {100 * rows[-1]['accuracy']:.2f}%" if rows else "no results"
+        status = "ok" if code == 0 else f"FAILED (exit {code}, see {out / 'flwr.log'})"
+        print(
+            f"[{index}/{len(combos)}] {out.name}: {status}, {last}, "
+            f"{time.perf_counter() - t0:.0f} s (sweep {time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
+    summarise(sweep_dir)
+    return sweep_dir
+
+
+def _rows(out: Path) -> list[dict]:
+    path = out / "results.json"
+    return json.loads(path.read_text())["rounds"] if path.exists() else []
+
+
+def main() -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--name", required=True, help="sweep folder under outputs/sweeps")
+    parser.add_argument("--base", default="", help="Hydra overrides shared by every run")
+    parser.add_argument("--axis", action="append", default=[], help="key=v1,v2,... (repeat)")
+    parser.add_argument("--num-supernodes", type=int, default=10)
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per run")
+    args = parser.parse_args()
+    run_sweep(args.name, args.base, args.axis, args.num_supernodes, args.root, args.timeout)
+
+
+if __name__ == "__main__":
+    main()

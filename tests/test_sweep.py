@@ -1,0 +1,72 @@
+"""The sweep harness: combinations, resumable runs, the summary table and plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from experiments.summary import summarise
+from experiments.sweep import combinations, run_name, run_sweep
+
+
+def test_combinations_cover_the_grid():
+    combos = combinations(["quantization=fp32,bfp8", "seed=0,1,2"])
+    assert len(combos) == 6
+    assert ["quantization=bfp8", "seed=2"] in combos
+    assert run_name(["quantization=bfp8", "seed=2"]) == "quantization=bfp8__seed=2"
+    with pytest.raises(ValueError, match="key=value1,value2"):
+        combinations(["quantization"])
+
+
+def _fake_run(folder: Path, accuracies: list[float]) -> None:
+    folder.mkdir(parents=True)
+    rounds = [
+        {
+            "round": i,
+            "accuracy": a,
+            "loss": 1.0,
+            "uplink_bytes": 100 * (i > 0),
+            "downlink_bytes": 50 * (i > 0),
+            "fp32_uplink_bytes": 400 * (i > 0),
+            "fp32_downlink_bytes": 200 * (i > 0),
+            "seconds": 1.0,
+            "rejected_updates": 0,
+        }
+        for i, a in enumerate(accuracies)
+    ]
+    (folder / "results.json").write_text(json.dumps({"config": {}, "rounds": rounds}))
+
+
+def test_summary_averages_the_last_five_rounds_over_seeds(tmp_path: Path):
+    _fake_run(tmp_path / "quantization=bfp8__seed=0", [0.1, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    _fake_run(tmp_path / "quantization=bfp8__seed=1", [0.1, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
+    _fake_run(tmp_path / "quantization=fp32__seed=0", [0.1, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2])
+    table = {row["setting"]: row for row in summarise(tmp_path)}
+    bfp8 = table["quantization=bfp8"]
+    assert bfp8["seeds"] == 2 and bfp8["rounds"] == 6
+    assert bfp8["accuracy_mean"] == pytest.approx(70.0)  # (80 + 60) / 2
+    assert bfp8["accuracy_std"] == pytest.approx(14.14, abs=0.01)
+    assert bfp8["uplink_mb"] == pytest.approx(600 / 1e6)
+    assert bfp8["share_of_fp32"] == pytest.approx(0.25)
+    assert table["quantization=fp32"]["accuracy_std"] == 0.0
+    assert "± 14.14" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "accuracy_vs_round.png").stat().st_size > 0
+    assert (tmp_path / "accuracy_vs_mb.png").stat().st_size > 0
+
+
+@pytest.mark.e2e
+def test_a_tiny_real_sweep_runs_and_resumes(tmp_path: Path, capsys):
+    base = "dataset=synthetic federation.num_rounds=1 federation.num_clients=2 train.max_steps=2"
+    axes = ["quantization=fp32,bfp4"]
+    sweep = run_sweep("tiny", base, axes, num_supernodes=2, root=tmp_path, timeout=300)
+    rows = {r["setting"]: r for r in summarise(sweep)}
+    assert set(rows) == {"quantization=fp32", "quantization=bfp4"}
+    assert (
+        rows["quantization=bfp4"]["share_of_fp32"]
+        < 0.3
+        < rows["quantization=fp32"]["share_of_fp32"]
+    )
+    run_sweep("tiny", base, axes, num_supernodes=2, root=tmp_path, timeout=300)
+    assert capsys.readouterr().out.count("done already") == 2

@@ -145,7 +145,9 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_config=ConfigRecord(),
         evaluate_fn=RoundRecorder(cfg, model, strategy, writer),
     )
-    final = {name: torch.from_numpy(result.arrays[name].numpy()) for name in result.arrays}
+    # No round aggregated anything (every client failed): the model is still the initial one.
+    arrays = result.arrays if len(result.arrays) else initial
+    final = {name: torch.from_numpy(arrays[name].numpy()) for name in arrays}
     save_file(final, str(out / "model.safetensors"))
     for path in writer.plot():
         log(INFO, "Saved %s", path)

@@ -9,7 +9,8 @@ import itertools
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -28,7 +29,12 @@ def task_identity() -> Iterator[None]:
 
 
 class InProcessGrid(Grid):
-    """Calls a ClientApp directly for every message; ``tamper`` may replace or drop replies."""
+    """Calls a ClientApp directly for every message; ``tamper`` may replace or drop replies.
+
+    With ``client_errors=True`` an exception raised by the ClientApp becomes an error reply,
+    as Flower's runtime does (``ErrorCode.CLIENT_APP_RAISED_EXCEPTION``); by default it
+    propagates, so a broken ClientApp fails the test at once.
+    """
 
     def __init__(
         self,
@@ -36,9 +42,11 @@ class InProcessGrid(Grid):
         num_nodes: int,
         run_config: dict,
         tamper: ReplyFilter | None = None,
+        client_errors: bool = False,
     ) -> None:
         self.client_app = client_app
         self.tamper = tamper
+        self.client_errors = client_errors
         self.contexts = {
             node_id: Context(
                 run_id=1,
@@ -83,7 +91,14 @@ class InProcessGrid(Grid):
         for message in messages:
             node_id = message.metadata.dst_node_id
             message.metadata.__dict__["_message_id"] = f"m{next(self._ids)}"
-            reply = self.client_app(message, self.contexts[node_id])
+            try:
+                reply = self.client_app(message, self.contexts[node_id])
+            except Exception as ex:
+                if not self.client_errors:
+                    raise
+                reason = str(type(ex)) + ":<'" + str(ex) + "'>"  # Flower's format
+                error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
+                reply = Message(error, reply_to=message)
             reply.metadata.__dict__["_src_node_id"] = node_id
             if self.tamper is not None:
                 reply = self.tamper(node_id, reply)

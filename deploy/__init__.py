@@ -1,0 +1,1 @@
+"""Deployment helpers: TLS and SuperNode credentials, SuperLink/SuperNode processes."""

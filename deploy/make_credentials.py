@@ -1,0 +1,244 @@
+"""Generate everything a secure Flower deployment needs, with the ``cryptography`` library.
+
+    python -m deploy.make_credentials OUT_DIR --supernodes N [--host HOST ...]
+
+Writes into ``OUT_DIR``:
+
+* ``ca.crt`` / ``ca.key``: a self-signed certificate authority (ECDSA P-384). ``ca.crt`` goes to
+  every SuperNode (``--root-certificates``) and to the ``flwr`` CLI (``root-certificates``);
+  ``ca.key`` stays with whoever issues certificates.
+* ``server.pem`` / ``server.key``: the SuperLink's TLS certificate, signed by the CA, valid for
+  every ``--host`` plus ``localhost``, ``127.0.0.1`` and ``::1`` (the SuperLink's own SuperExec
+  connects to it over loopback).
+* ``supernode-<i>.key`` / ``supernode-<i>.pub`` for i = 0..N-1: SuperNode authentication key
+  pairs, ECDSA P-384 in OpenSSH format (what ``flower-supernode --auth-supernode-private-key``
+  and ``flwr supernode register`` read). Only the ``.pub`` files go to the SuperLink operator.
+
+Private keys are written with mode 0600. Existing files are kept unless ``--force`` is given.
+``--keys-only --first-index K`` adds SuperNode key pairs K, K+1, ... to an existing folder
+(a node whose key was unregistered needs a new one: Flower never accepts that key again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+#: Names every server certificate covers, so loopback connections always verify.
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+CURVE = ec.SECP384R1
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(CURVE())
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "lowprec-fl"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def _general_name(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def make_ca(days: int = 3650) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A self-signed CA certificate and its key."""
+    key = _new_key()
+    now = datetime.datetime.now(datetime.UTC)
+    name = _name("lowprec-fl CA")
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA384())
+    )
+    return cert, key
+
+
+def make_server_certificate(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    hosts: Sequence[str],
+    days: int = 825,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A TLS server certificate signed by the CA, with SANs for ``hosts`` and loopback."""
+    names = list(dict.fromkeys([*hosts, *LOOPBACK_NAMES]))
+    key = _new_key()
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(names[0]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([_general_name(h) for h in names]), critical=False
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
+    return cert, key
+
+
+def supernode_key_pair() -> tuple[bytes, bytes]:
+    """(private, public) SuperNode auth key: ECDSA P-384 in OpenSSH format."""
+    key = _new_key()
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    return private, public + b"\n"
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _write(path: Path, data: bytes, private: bool, force: bool) -> None:
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists: pass --force to overwrite")
+    path.write_bytes(data)
+    os.chmod(path, 0o600 if private else 0o644)
+
+
+def make_credentials(
+    out_dir: Path,
+    num_supernodes: int,
+    hosts: Sequence[str] = ("127.0.0.1",),
+    force: bool = False,
+    keys_only: bool = False,
+    first_index: int = 0,
+) -> dict[str, Path]:
+    """Write the CA, the SuperLink certificate and ``num_supernodes`` key pairs; returns paths.
+
+    ``keys_only`` writes just the SuperNode key pairs, numbered from ``first_index`` (e.g. a
+    new key for a node whose old key was unregistered: Flower never accepts that key again).
+    """
+    if num_supernodes < 0:
+        raise ValueError(f"--supernodes must be >= 0, got {num_supernodes}")
+    if first_index < 0:
+        raise ValueError(f"--first-index must be >= 0, got {first_index}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[str, tuple[bytes, bool]] = {}
+    if not keys_only:
+        ca_cert, ca_key = make_ca()
+        server_cert, server_key = make_server_certificate(ca_cert, ca_key, hosts)
+        files["ca.crt"] = (ca_cert.public_bytes(serialization.Encoding.PEM), False)
+        files["ca.key"] = (_pem_key(ca_key), True)
+        files["server.pem"] = (server_cert.public_bytes(serialization.Encoding.PEM), False)
+        files["server.key"] = (_pem_key(server_key), True)
+    for i in range(first_index, first_index + num_supernodes):
+        private, public = supernode_key_pair()
+        files[f"supernode-{i}.key"] = (private, True)
+        files[f"supernode-{i}.pub"] = (public, False)
+    if not force:
+        clashes = [name for name in files if (out_dir / name).exists()]
+        if clashes:
+            raise FileExistsError(f"{out_dir} already holds {clashes}: pass --force to overwrite")
+    paths = {}
+    for name, (data, private) in files.items():
+        _write(out_dir / name, data, private, force=True)
+        paths[name] = out_dir / name
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.make_credentials", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("out_dir", type=Path, help="folder to write the files into")
+    parser.add_argument(
+        "--supernodes", type=int, required=True, help="number of SuperNode key pairs"
+    )
+    parser.add_argument(
+        "--host",
+        action="append",
+        default=None,
+        help="a DNS name or IP address the SuperLink is reached at (repeatable; "
+        "default 127.0.0.1; localhost, 127.0.0.1 and ::1 are always included)",
+    )
+    parser.add_argument("--force", action="store_true", help="overwrite existing files")
+    parser.add_argument(
+        "--keys-only",
+        action="store_true",
+        help="write only SuperNode key pairs (no CA, no server certificate)",
+    )
+    parser.add_argument(
+        "--first-index", type=int, default=0, help="number of the first SuperNode key pair"
+    )
+    args = parser.parse_args(argv)
+    try:
+        paths = make_credentials(
+            args.out_dir,
+            args.supernodes,
+            args.host or ["127.0.0.1"],
+            args.force,
+            keys_only=args.keys_only,
+            first_index=args.first_index,
+        )
+    except (FileExistsError, ValueError) as err:
+        parser.exit(2, f"error: {err}\n")
+    for name, path in paths.items():
+        print(f"wrote {path}" + ("  (private: keep it secret)" if name.endswith(".key") else ""))
+
+
+if __name__ == "__main__":
+    main()

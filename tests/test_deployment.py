@@ -1,0 +1,158 @@
+"""End to end: a real deployment on loopback - TLS, SuperNode authentication, ``flwr run``.
+
+One SuperLink (TLS with a CA made by ``deploy.make_credentials``, ``--enable-supernode-auth``)
+on a free port, three SuperNodes whose public keys were registered with
+``flwr supernode register``, and one SuperNode with a key that was never registered. The app
+trains 2 rounds of 8-bit FedAvg on real MNIST through ``flwr run . <connection> --stream``
+with the same run-config keys as in simulation. Every process is stopped in a finalizer, even
+when a test fails, and the last test checks that none is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deploy.make_credentials import make_credentials
+from deploy.processes import (
+    SUPERNODE_CONNECTION_FAILED,
+    Credentials,
+    LoopbackDeployment,
+    ManagedProcess,
+)
+
+pytestmark = pytest.mark.e2e
+
+DATA_ROOT = os.environ.get("DATA_ROOT", "")
+NUM_SUPERNODES = 3
+ROGUE = NUM_SUPERNODES  # index of the key pair that is never registered
+OVERRIDES = (
+    f"federation.num_rounds=2 federation.num_clients={NUM_SUPERNODES} "
+    f"federation.fraction_train=1.0 federation.min_available_clients={NUM_SUPERNODES} "
+    "train.max_steps=20 server.max_eval_samples=1000 partition.scheme=iid"
+)
+
+if not (Path(DATA_ROOT) / "MNIST" / "raw").is_dir():
+    pytest.skip(
+        "needs real MNIST: set DATA_ROOT to a folder holding MNIST/raw (CI uses ../shared/data)",
+        allow_module_level=True,
+    )
+
+
+class Setup:
+    """The running deployment, the registered node ids and the refused SuperNode."""
+
+    def __init__(self, deployment: LoopbackDeployment, node_ids: list[int], rogue) -> None:
+        self.deployment = deployment
+        self.node_ids = node_ids
+        self.rogue: ManagedProcess = rogue
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    workdir = tmp_path_factory.mktemp("deployment")
+    credentials = Credentials(workdir / "credentials")
+    make_credentials(credentials.directory, NUM_SUPERNODES + 1, hosts=["127.0.0.1"])
+    deployment = LoopbackDeployment(
+        workdir, credentials, extra_env={"DATA_ROOT": str(Path(DATA_ROOT).resolve())}
+    )
+    try:
+        deployment.start_superlink(database=workdir / "superlink_state.db")
+        node_ids = [
+            deployment.register(credentials.supernode_public_key(i)) for i in range(NUM_SUPERNODES)
+        ]
+        for i in range(NUM_SUPERNODES):
+            deployment.start_supernode(credentials.supernode_key(i), i, NUM_SUPERNODES)
+        rogue = deployment.start_supernode(
+            credentials.supernode_key(ROGUE),
+            0,
+            NUM_SUPERNODES,
+            name="unregistered-supernode",
+            may_exit=True,
+        )
+        deployment.wait_online(node_ids)
+        yield Setup(deployment, node_ids, rogue)
+    finally:
+        deployment.stop()  # also runs when start-up or a test failed
+
+
+def test_supernode_with_an_unregistered_key_is_refused(setup: Setup) -> None:
+    code = setup.rogue.wait(timeout=60)
+    log = setup.rogue.log()
+    # Flower 1.42: the SuperLink answers ActivateNode with HTTP 412 (ApiError 2004), the
+    # SuperNode logs Flower exit code 305 "Failed to activate SuperNode" and the process exits
+    # with status 1 at once - no retries.
+    assert code == 1, log[-3000:]
+    assert f"Exit Code: {SUPERNODE_CONNECTION_FAILED}" in log, log[-3000:]
+    assert "Failed to activate SuperNode" in log, log[-3000:]
+    superlink_log = setup.deployment.superlink.log()
+    assert "No SuperNode found with the given public key" in superlink_log
+    rows = setup.deployment.nodes()
+    assert sorted(int(r["node-id"]) for r in rows) == sorted(setup.node_ids), rows
+    assert all(r["status"] == "online" for r in rows), rows
+
+
+def test_flwr_run_trains_over_tls_with_authenticated_supernodes(setup: Setup) -> None:
+    deployment = setup.deployment
+    out = deployment.workdir / "out"
+    done = deployment.run_app(f"overrides='{OVERRIDES}' output-dir='{out}'", timeout=300)
+    text = done.stdout + done.stderr
+    assert done.returncode == 0, text[-4000:]
+    # `flwr run --stream` exits 0 even when the ServerApp fails: the run's status tells.
+    runs = deployment.runs()
+    assert len(runs) == 1, runs
+    run = runs[0]
+    assert run["status"] == "finished:completed", (run, text[-4000:])
+    assert "round   2/2" in text
+
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rounds"]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert results["config"]["quantization"]["weight_bits"] == 8
+    assert results["config"]["federation"]["num_clients"] == NUM_SUPERNODES
+    assert rows[-1]["accuracy"] > 0.3, rows  # chance is 0.1; ~0.75 measured
+    for row in rows[1:]:
+        assert row["rejected_updates"] == 0, row
+        assert 0 < row["uplink_bytes"] < 0.35 * row["fp32_uplink_bytes"], row
+        assert 0 < row["downlink_bytes"] < 0.35 * row["fp32_downlink_bytes"], row
+    assert (out / "model.safetensors").stat().st_size > 0
+
+    # The SuperLink counts the Fleet API's protobuf messages and object payloads (no TLS/HTTP
+    # framing); the strategy counts each message's serialized RecordDict. Same order expected.
+    traffic = run["network-traffic"]
+    accounted_up = sum(r["uplink_bytes"] for r in rows)
+    accounted_down = sum(r["downlink_bytes"] for r in rows)
+    inbound, outbound = traffic["inbound-bytes"], traffic["outbound-bytes"]
+    print(
+        f"\nflwr list network traffic: inbound {inbound} B, outbound {outbound} B; "
+        f"results.json: uplink {accounted_up} B, downlink {accounted_down} B; "
+        f"ratios {inbound / accounted_up:.3f} (in/up), {outbound / accounted_down:.3f} (out/down)"
+    )
+    assert 0.9 * accounted_up <= inbound <= 1.6 * accounted_up, (traffic, accounted_up)
+    assert 0.9 * accounted_down <= outbound <= 1.6 * accounted_down, (traffic, accounted_down)
+    pushed = re.findall(r"Push replies from node_id=(\d+)", deployment.superlink.log())
+    assert sorted({int(n) for n in pushed}) == sorted(setup.node_ids)  # every node trained
+
+
+def test_stopping_leaves_no_flower_process(setup: Setup) -> None:
+    deployment = setup.deployment
+    deployment.stop()
+    assert all(p.popen.poll() is not None for p in deployment.processes())
+    assert deployment.leftover_pids() == []
+    marker = str(deployment.workdir)
+    stray = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if ("flower-" in cmdline or "flwr" in cmdline) and marker in cmdline:
+            stray.append((int(entry.name), cmdline))
+    assert stray == []

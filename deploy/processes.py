@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scripts.flwr_local import PROJECT_DIR, flwr_env
+from scripts.processes import terminate
 
 TAG_VARIABLE = "LOWPREC_DEPLOY_TAG"
 #: Flower exit code a SuperNode logs ("Exit Code: 305") when the SuperLink refuses to activate
@@ -53,16 +54,6 @@ def _die_with_parent() -> None:
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _children(pid: int) -> list[int]:
-    """All descendants of ``pid`` that are still attached to it, depth first."""
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    kids = [int(p) for p in text.split()]
-    return kids + [g for k in kids for g in _children(k)]
-
-
 def tagged_pids(tag: str) -> list[int]:
     """PIDs of live processes whose environment carries ``LOWPREC_DEPLOY_TAG=tag``."""
     marker = f"{TAG_VARIABLE}={tag}".encode()
@@ -78,26 +69,6 @@ def tagged_pids(tag: str) -> list[int]:
         if state != "Z" and marker in environ.split(b"\0"):
             pids.append(int(entry.name))
     return pids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def terminate(pids: Iterable[int], grace: float = 5.0) -> None:
-    """SIGTERM ``pids`` (and their descendants), then SIGKILL what is left after ``grace``."""
-    everything = list(dict.fromkeys(p for pid in pids for p in (pid, *_children(pid))))
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in [p for p in everything if _alive(p)]:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(_alive(p) for p in everything):
-            time.sleep(0.1)
 
 
 @dataclass

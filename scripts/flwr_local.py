@@ -11,14 +11,13 @@ even on failure or Ctrl-C. Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from scripts.processes import cmdline_pids, terminate
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 LOCAL_SUPERLINK_PORTS = (39091, 39093)
@@ -40,40 +39,14 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
 
 def superlink_pids(flwr_home: Path) -> list[int]:
     """PIDs of SuperLink/SuperExec processes that belong to ``flwr_home`` (by command line)."""
-    pids, marker = [], str(flwr_home.resolve())
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "flower-super" in cmdline and marker in cmdline:
-            pids.append(int(entry.name))
-    return pids
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    kids = [int(p) for p in text.split()]
-    return kids + [g for k in kids for g in _children(k)]
+    return [pid for pid, _ in cmdline_pids("flower-super", str(flwr_home.resolve()))]
 
 
 def stop_local_superlink(flwr_home: Path, grace: float = 5.0) -> int:
     """Terminate the SuperLink of ``flwr_home`` and everything it spawned; returns how many."""
     pids = superlink_pids(flwr_home)
-    everything = pids + [c for p in pids for c in _children(p)]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in everything:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in everything):
-            time.sleep(0.1)
-    return len(everything)
+    terminate(pids, grace)
+    return len(pids)
 
 
 def _port_in_use(port: int) -> bool:

@@ -25,6 +25,7 @@ from deploy.processes import (
     LoopbackDeployment,
     ManagedProcess,
 )
+from scripts.processes import cmdline_pids
 
 pytestmark = pytest.mark.e2e
 
@@ -144,15 +145,9 @@ def test_stopping_leaves_no_flower_process(setup: Setup) -> None:
     deployment.stop()
     assert all(p.popen.poll() is not None for p in deployment.processes())
     assert deployment.leftover_pids() == []
-    marker = str(deployment.workdir)
-    stray = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if ("flower-" in cmdline or "flwr" in cmdline) and marker in cmdline:
-            stray.append((int(entry.name), cmdline))
+    stray = [
+        (pid, cmdline)
+        for pid, cmdline in cmdline_pids(str(deployment.workdir))
+        if "flower-" in cmdline or "flwr" in cmdline
+    ]
     assert stray == []

@@ -1,0 +1,55 @@
+"""Find and stop local processes through /proc (Linux): Flower's daemons outlive their shells."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+
+def children(pid: int) -> list[int]:
+    """All descendants of ``pid`` that are still attached to it, depth first."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    kids = [int(p) for p in text.split()]
+    return kids + [g for k in kids for g in children(k)]
+
+
+def cmdline_pids(*needles: str) -> list[tuple[int, str]]:
+    """(pid, command line) of live processes whose command line contains every needle."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if all(needle in cmdline for needle in needles) and alive(int(entry.name)):
+            found.append((int(entry.name), cmdline))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def terminate(pids: Iterable[int], grace: float = 5.0) -> None:
+    """SIGTERM ``pids`` (and their descendants), then SIGKILL what is left after ``grace``."""
+    everything = list(dict.fromkeys(p for pid in pids for p in (pid, *children(pid))))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in [p for p in everything if alive(p)]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(alive(p) for p in everything):
+            time.sleep(0.1)

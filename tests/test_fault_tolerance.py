@@ -12,8 +12,7 @@
 from __future__ import annotations
 
 import json
-import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +38,7 @@ from strategies import LowPrecisionStrategy
 from strategies.factory import build_strategy
 from task.config import load_config
 from task.model import build_configured_model, float_buffer_names
-from tests.flower_harness import InProcessGrid, task_identity
+from tests.flower_harness import InProcessGrid
 
 NUM_NODES = 3
 BASE = (
@@ -55,12 +54,7 @@ UPLINKS = {
 MALFORMED_PER_UPLINK = 120  # 360 malformed replies in all
 
 
-@pytest.fixture(autouse=True)
-def _identity_and_seed() -> Iterator[None]:
-    random.seed(0)  # Flower samples nodes with `random`
-    torch.manual_seed(0)
-    with task_identity():
-        yield
+pytestmark = pytest.mark.usefixtures("flower_task")
 
 
 def _run_config(extra: str = "", moving_average: bool = True) -> dict:

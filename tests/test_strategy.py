@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import pytest
@@ -37,7 +36,7 @@ from strategies import LowPrecisionStrategy, ServerMovingAverage
 from strategies.factory import build_strategy
 from task.config import load_config
 from task.model import build_configured_model, float_buffer_names
-from tests.flower_harness import InProcessGrid, task_identity
+from tests.flower_harness import InProcessGrid
 
 NODES = [11, 12, 13, 14]
 FLOAT_BUFFERS = frozenset({"bn.running_var"})
@@ -46,12 +45,7 @@ DOWNLINK = BlockFloat(8, layout="auto")
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(autouse=True)
-def _identity_and_seed() -> Iterator[None]:
-    random.seed(0)  # Flower samples nodes with `random`
-    torch.manual_seed(0)
-    with task_identity():
-        yield
+pytestmark = pytest.mark.usefixtures("flower_task")
 
 
 class FakeGrid:

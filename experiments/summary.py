@@ -92,8 +92,10 @@ def summarise(sweep_dir: Path) -> list[dict]:
 
 
 def _plot(runs: dict[str, dict[str, list[dict]]], sweep_dir: Path) -> None:
-    fig_round, ax_round = plt.subplots(figsize=(8, 5))
-    fig_mb, ax_mb = plt.subplots(figsize=(8, 5))
+    fig_round, ax_round = plt.subplots(figsize=(11, 5))
+    fig_mb, ax_mb = plt.subplots(figsize=(11, 5))
+    for ax in (ax_round, ax_mb):  # 20 distinct colours, solid then dashed
+        ax.set_prop_cycle(color=list(plt.cm.tab10.colors) * 2, linestyle=["-"] * 10 + ["--"] * 10)
     for setting, seeds in sorted(runs.items()):
         length = min(len(r) for r in seeds.values())
         mean_acc = [
@@ -114,7 +116,7 @@ def _plot(runs: dict[str, dict[str, list[dict]]], sweep_dir: Path) -> None:
         (fig_mb, ax_mb, "accuracy_vs_mb.png"),
     ):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         fig.savefig(sweep_dir / name, dpi=120)
         plt.close(fig)

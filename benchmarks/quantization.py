@@ -109,12 +109,8 @@ def lowp_step_fn(
     model = convnet()
     generator = torch.Generator().manual_seed(SEED)
     attach_quantizers(model, precision.activation, precision.error, generator)
-    opt = LowPrecisionOptimizer(
-        torch.optim.Adam(model.parameters(), lr=1e-3),
-        weight=precision.weight,
-        grad=precision.grad,
-        state=precision.state,
-        generator=generator,
+    opt = LowPrecisionOptimizer.from_precision(
+        torch.optim.Adam(model.parameters(), lr=1e-3), precision, generator
     )
 
     def step() -> None:

@@ -9,6 +9,7 @@ import torch
 
 from .codec import QuantizedTensor, encode
 from .format import BlockFloat
+from .precision import TrainingPrecision
 from .quantizer import quantize_
 
 #: Optimizer state that divides the update (Adam/AdamW, RMSprop, Adagrad): kept as sqrt, rounded up.
@@ -41,6 +42,16 @@ class LowPrecisionOptimizer:
         self.state_fmt = state
         self.generator = generator
         self.quantize_weights()
+
+    @classmethod
+    def from_precision(
+        cls,
+        optimizer: torch.optim.Optimizer,
+        precision: TrainingPrecision,
+        generator: torch.Generator | None = None,
+    ) -> LowPrecisionOptimizer:
+        """Wrap ``optimizer`` with the weight, gradient and state formats of ``precision``."""
+        return cls(optimizer, precision.weight, precision.grad, precision.state, generator)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:

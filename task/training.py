@@ -39,9 +39,7 @@ def make_optimizer(
         inner = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     else:
         raise ValueError(f"unknown optimizer {name!r}: use adam, adamw or sgd")
-    return LowPrecisionOptimizer(
-        inner, precision.weight, precision.grad, precision.state, generator
-    )
+    return LowPrecisionOptimizer.from_precision(inner, precision, generator)
 
 
 def train_local(

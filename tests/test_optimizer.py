@@ -241,12 +241,8 @@ def test_training_at_8_bits_learns_synthetic():
     model = SmallCNN(in_channels=1, num_classes=10, image_size=28)
     g = torch.Generator().manual_seed(0)
     attach_quantizers(model, precision.activation, precision.error, g)
-    opt = LowPrecisionOptimizer(
-        torch.optim.Adam(model.parameters(), lr=1e-3),
-        weight=precision.weight,
-        grad=precision.grad,
-        state=precision.state,
-        generator=g,
+    opt = LowPrecisionOptimizer.from_precision(
+        torch.optim.Adam(model.parameters(), lr=1e-3), precision, g
     )
     losses = []
     batches = train.batches(32, shuffle=True, generator=torch.Generator().manual_seed(1))
@@ -281,12 +277,8 @@ def test_adam_at_8_bits_stays_finite_on_mnist_convnet():
     precision = TrainingPrecision.uniform(8)
     g = torch.Generator().manual_seed(0)
     attach_quantizers(model, precision.activation, precision.error, g)
-    opt = LowPrecisionOptimizer(
-        torch.optim.Adam(model.parameters(), lr=1e-3),
-        weight=precision.weight,
-        grad=precision.grad,
-        state=precision.state,
-        generator=g,
+    opt = LowPrecisionOptimizer.from_precision(
+        torch.optim.Adam(model.parameters(), lr=1e-3), precision, g
     )
     x_all, y_all = data.normalize(data.images), data.labels
     order = torch.Generator().manual_seed(1)

@@ -110,6 +110,15 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server this node's partition id (it orders nodes by it to sample reproducibly)."""
+    cfg = load_config(context.run_config)
+    partition_id, _ = _partition(cfg, context)
+    metrics = MetricRecord({"partition-id": partition_id})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received model on this client's local held-out split."""

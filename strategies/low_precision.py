@@ -27,6 +27,7 @@ from quantization.wire import (
 )
 
 from .moving_average import ServerMovingAverage
+from .node_order import PartitionOrder
 
 Weighting = Literal["num-examples", "uniform"]
 METRICS_KEY = "metrics"
@@ -86,6 +87,7 @@ class LowPrecisionStrategy(Strategy):
         self.traffic: dict[int, RoundTraffic] = {}
         #: Rounds already done before this run (a resumed run): Flower's loop counts from 1.
         self.round_offset = 0
+        self.partition_order = PartitionOrder()
         self.arrayrecord_key: str = getattr(inner, "arrayrecord_key", "arrays")
         self.weight_key: str = getattr(inner, "weighted_by_key", "num-examples")
         self._fp32_arrays_bytes = _fp32_record_bytes(self.template, self.arrayrecord_key)
@@ -121,6 +123,7 @@ class LowPrecisionStrategy(Strategy):
     ) -> Iterable[Message]:
         """Let the inner strategy sample and configure, then quantize the model it sends."""
         server_round += self.round_offset
+        grid = self.partition_order.ordered(grid)
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         return self._quantize_broadcast(server_round, "train", arrays, messages)
 
@@ -129,6 +132,7 @@ class LowPrecisionStrategy(Strategy):
     ) -> Iterable[Message]:
         """Same as ``configure_train`` for federated evaluation."""
         server_round += self.round_offset
+        grid = self.partition_order.ordered(grid)
         messages = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
         return self._quantize_broadcast(server_round, "evaluate", arrays, messages)
 

@@ -43,6 +43,7 @@ class InProcessGrid(Grid):
         run_config: dict,
         tamper: ReplyFilter | None = None,
         client_errors: bool = False,
+        node_ids: list[int] | None = None,
     ) -> None:
         self.client_app = client_app
         self.tamper = tamper
@@ -55,7 +56,7 @@ class InProcessGrid(Grid):
                 state=RecordDict(),
                 run_config=dict(run_config),
             )
-            for i, node_id in enumerate(range(101, 101 + num_nodes))
+            for i, node_id in enumerate(node_ids or range(101, 101 + num_nodes))
         }
         self._ids = itertools.count(1)
 
@@ -72,8 +73,8 @@ class InProcessGrid(Grid):
         raise NotImplementedError
 
     def get_node_ids(self) -> Iterable[int]:
-        """All simulated nodes."""
-        return list(self.contexts)
+        """All simulated nodes, by id (like Flower, not in partition order)."""
+        return sorted(self.contexts)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Not used in-process."""

@@ -611,7 +611,8 @@ def test_a_crashing_client_and_a_missing_reply_do_not_stop_the_run():
 
     def drop_silent(node_id: int, reply: Message) -> Message | None:
         if node_id == silent:
-            dropped.append(node_id)
+            if reply.metadata.message_type == "train":
+                dropped.append(node_id)
             return None  # as if the reply never arrived before the round timeout
         return reply
 
@@ -658,16 +659,19 @@ def test_a_round_where_every_client_fails_keeps_the_previous_model(failure):
     run_config = _run_config()
     strategy, _, initial = _setup(run_config)
     failing_round = 2
-    calls: dict[int, int] = {}  # node -> messages received so far (= its current round)
+    calls: dict[int, int] = {}  # node -> train messages received so far (= its current round)
 
     def client(msg: Message, context: Context) -> Message:
+        if msg.metadata.message_type != "train":  # the strategy's partition-id query
+            return client_app(msg, context)
         calls[context.node_id] = calls.get(context.node_id, 0) + 1
         if failure == "crash" and calls[context.node_id] == failing_round:
             raise RuntimeError("every ClientApp crashes in round 2")
         return client_app(msg, context)
 
     def tamper(node_id: int, reply: Message) -> Message | None:
-        if failure == "timeout" and calls[node_id] == failing_round:
+        is_train = reply.metadata.message_type == "train"
+        if failure == "timeout" and is_train and calls[node_id] == failing_round:
             return None
         return reply
 

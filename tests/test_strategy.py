@@ -57,6 +57,20 @@ class FakeGrid:
     def get_node_ids(self):
         return list(self.nodes)
 
+    def send_and_receive(self, messages, *, timeout=None):
+        """Answer the strategy's partition-id queries (partition = position in ``nodes``)."""
+        replies = []
+        for i, message in enumerate(messages):
+            message.metadata.__dict__["_message_id"] = f"q{i}"
+            partition = self.nodes.index(message.metadata.dst_node_id)
+            reply = Message(
+                RecordDict({"metrics": MetricRecord({"partition-id": partition})}),
+                reply_to=message,
+            )
+            reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id
+            replies.append(reply)
+        return replies
+
 
 def _template() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)

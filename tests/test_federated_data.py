@@ -22,20 +22,12 @@ from federated_data import (
     resolve_data_root,
     train_test_split_indices,
 )
-
-
-def _mnist_root() -> str:
-    root = os.environ.get("DATA_ROOT")
-    if not root:
-        pytest.skip("DATA_ROOT is not set; point it at a folder holding MNIST/raw (../shared/data)")
-    if not (Path(root) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
-        pytest.skip(f"DATA_ROOT={root!r} holds no MNIST/raw/train-images-idx3-ubyte")
-    return root
+from tests.shared_helpers import mnist_root
 
 
 @pytest.fixture(scope="module")
 def mnist_train() -> ImageData:
-    return load_image_data("mnist", _mnist_root(), train=True)
+    return load_image_data("mnist", mnist_root(), train=True)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +39,7 @@ def mnist_labels(mnist_train: ImageData) -> np.ndarray:
 
 
 def test_mnist_shapes_dtypes_and_labels(mnist_train: ImageData) -> None:
-    test = load_image_data("mnist", _mnist_root(), train=False)
+    test = load_image_data("mnist", mnist_root(), train=False)
     assert mnist_train.images.shape == (60000, 1, 28, 28)
     assert test.images.shape == (10000, 1, 28, 28)
     assert mnist_train.images.dtype == torch.uint8
@@ -63,20 +55,20 @@ def test_mnist_shapes_dtypes_and_labels(mnist_train: ImageData) -> None:
 
 
 def test_mnist_is_cached_per_process(mnist_train: ImageData) -> None:
-    assert load_image_data("mnist", _mnist_root(), train=True) is mnist_train
+    assert load_image_data("mnist", mnist_root(), train=True) is mnist_train
 
 
 def test_data_root_env_is_used(monkeypatch: pytest.MonkeyPatch, mnist_train: ImageData) -> None:
-    monkeypatch.setenv("DATA_ROOT", _mnist_root())
+    monkeypatch.setenv("DATA_ROOT", mnist_root())
     assert load_image_data("mnist", None, train=True) is mnist_train
-    assert resolve_data_root(None) == os.path.abspath(_mnist_root())
+    assert resolve_data_root(None) == os.path.abspath(mnist_root())
     assert resolve_data_root("/some/where") == "/some/where"
     monkeypatch.delenv("DATA_ROOT")
     assert resolve_data_root("").endswith(os.path.join(".cache", "lowprec-fl", "data"))
 
 
 def test_pad_to_32_zero_pads_symmetrically(mnist_train: ImageData) -> None:
-    padded = load_image_data("mnist", _mnist_root(), train=True, pad_to=32)
+    padded = load_image_data("mnist", mnist_root(), train=True, pad_to=32)
     assert padded.images.shape == (60000, 1, 32, 32) and padded.image_size == 32
     assert torch.equal(padded.images[:, :, 2:30, 2:30], mnist_train.images)
     border = padded.images.clone()
@@ -84,7 +76,7 @@ def test_pad_to_32_zero_pads_symmetrically(mnist_train: ImageData) -> None:
     assert int(border.max()) == 0
     assert torch.equal(padded.labels, mnist_train.labels)
     with pytest.raises(ValueError, match="smaller"):
-        load_image_data("mnist", _mnist_root(), train=True, pad_to=20)
+        load_image_data("mnist", mnist_root(), train=True, pad_to=20)
 
 
 def test_batches_are_normalised(mnist_train: ImageData) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numba
 import pytest
@@ -22,6 +20,7 @@ from quantization import (
     encode,
     quantize,
 )
+from tests.shared_helpers import mnist_root
 
 FMT = BlockFloat(8, layout="auto", rounding="stochastic")
 OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
@@ -260,18 +259,9 @@ def test_training_at_8_bits_learns_synthetic():
     assert all(_on_grid(p.detach(), precision.weight) for p in model.parameters())
 
 
-def _mnist_root() -> str:
-    root = os.environ.get("DATA_ROOT")
-    if not root:
-        pytest.skip("DATA_ROOT is not set; point it at a folder holding MNIST/raw (../shared/data)")
-    if not (Path(root) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
-        pytest.skip(f"DATA_ROOT={root!r} holds no MNIST/raw/train-images-idx3-ubyte")
-    return root
-
-
 @pytest.mark.usefixtures("one_thread")
 def test_adam_at_8_bits_stays_finite_on_mnist_convnet():
-    data = load_image_data("mnist", _mnist_root(), train=True, pad_to=32).subset(range(256))
+    data = load_image_data("mnist", mnist_root(), train=True, pad_to=32).subset(range(256))
     torch.manual_seed(0)
     model = ConvNet(in_channels=1, num_classes=10, width=32, depth=3)
     precision = TrainingPrecision.uniform(8)

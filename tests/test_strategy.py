@@ -37,6 +37,7 @@ from strategies.factory import build_strategy
 from task.config import load_config
 from task.model import build_configured_model, float_buffer_names
 from tests.flower_harness import InProcessGrid
+from tests.shared_helpers import with_item
 
 NODES = [11, 12, 13, 14]
 FLOAT_BUFFERS = frozenset({"bn.running_var"})
@@ -403,29 +404,20 @@ def _swap(content: RecordDict, key: str, value) -> RecordDict:
     return RecordDict(items)
 
 
-def _edit(record, key: str, value):
-    items = dict(record.items())
-    if value is None:
-        del items[key]
-    else:
-        items[key] = value
-    return type(record)(items)
-
-
 def _edit_arrays(content: RecordDict, **edits) -> RecordDict:
     arrays = content["arrays"]
     for key, value in edits.items():
-        arrays = _edit(arrays, key.replace("__", "."), value)
+        arrays = with_item(arrays, key.replace("__", "."), value)
     return _swap(content, "arrays", arrays)
 
 
 def _edit_format(content: RecordDict, name: str, value) -> RecordDict:
-    return _swap(content, "arrays-format", _edit(content["arrays-format"], name, value))
+    return _swap(content, "arrays-format", with_item(content["arrays-format"], name, value))
 
 
 def _missing_key(c):
     c = _edit_arrays(c, fc__bias=None)
-    c = _swap(c, "arrays", _edit(c["arrays"], "fc.bias::exponents", None))
+    c = _swap(c, "arrays", with_item(c["arrays"], "fc.bias::exponents", None))
     return _edit_format(c, "fc.bias", None)
 
 
@@ -464,7 +456,7 @@ def _inf_buffer(c):
 def _inf_from_codes(c):
     # 4-bit code -8 (packed 0x88) with exponent 127 decodes to -2^128 = -inf in float32.
     c = _edit_arrays(c, fc__bias=Array(np.array([0x88, 0x08], np.uint8)))
-    return _swap(c, "arrays", _edit(c["arrays"], "fc.bias::exponents", Array(np.int8([127]))))
+    return _swap(c, "arrays", with_item(c["arrays"], "fc.bias::exponents", Array(np.int8([127]))))
 
 
 def _oversized(c):

@@ -24,6 +24,7 @@ from quantization.wire import (
     serialized_size,
     specs_of,
 )
+from tests.shared_helpers import with_item
 
 QUANTIZED_BITS = [2, 3, 4, 5, 6, 7, 8]
 
@@ -208,15 +209,6 @@ def _decode(arrays, formats, bits: int = 8, **kwargs):
     return decode_tensors(arrays, formats, bits=bits, **kwargs)
 
 
-def _set(record, key: str, value):
-    items = dict(record.items())
-    if value is None:
-        del items[key]
-    else:
-        items[key] = value
-    return type(record)(items)
-
-
 def test_valid_message_decodes():
     arrays, formats = _encode()
     decoded = _decode(arrays, formats)
@@ -226,30 +218,30 @@ def test_valid_message_decodes():
 
 def test_missing_tensor_rejected():
     arrays, formats = _encode()
-    arrays = _set(_set(arrays, "fc.bias", None), "fc.bias::exponents", None)
-    formats = _set(formats, "fc.bias", None)
+    arrays = with_item(with_item(arrays, "fc.bias", None), "fc.bias::exponents", None)
+    formats = with_item(formats, "fc.bias", None)
     with pytest.raises(WireFormatError, match=r"missing \['fc.bias'\]"):
         _decode(arrays, formats)
 
 
 def test_extra_tensor_rejected():
     arrays, formats = _encode()
-    arrays = _set(arrays, "evil", Array(np.zeros(3, np.float32)))
-    formats = _set(formats, "evil", json.dumps({"shape": [3]}))
+    arrays = with_item(arrays, "evil", Array(np.zeros(3, np.float32)))
+    formats = with_item(formats, "evil", json.dumps({"shape": [3]}))
     with pytest.raises(WireFormatError, match=r"extra \['evil'\]"):
         _decode(arrays, formats)
 
 
 def test_extra_array_without_format_rejected():
     arrays, formats = _encode()
-    arrays = _set(arrays, "evil", Array(np.zeros(3, np.float32)))
+    arrays = with_item(arrays, "evil", Array(np.zeros(3, np.float32)))
     with pytest.raises(WireFormatError, match=r"array keys differ.*extra \['evil'\]"):
         _decode(arrays, formats)
 
 
 def test_missing_exponents_rejected():
     arrays, formats = _encode()
-    arrays = _set(arrays, "fc.bias::exponents", None)
+    arrays = with_item(arrays, "fc.bias::exponents", None)
     with pytest.raises(WireFormatError, match=r"missing \['fc.bias::exponents'\]"):
         _decode(arrays, formats)
 
@@ -258,21 +250,21 @@ def test_wrong_shape_in_format_rejected():
     arrays, formats = _encode()
     description = json.loads(formats["conv.weight"])
     description["shape"] = [4, 2, 9]
-    formats = _set(formats, "conv.weight", json.dumps(description))
+    formats = with_item(formats, "conv.weight", json.dumps(description))
     with pytest.raises(WireFormatError, match=r"'conv.weight' has shape \(4, 2, 9\), expected"):
         _decode(arrays, formats)
 
 
 def test_wrong_shape_in_raw_array_rejected():
     arrays, formats = _encode()
-    arrays = _set(arrays, "bn.running_var", Array(np.ones(5, np.float32)))
+    arrays = with_item(arrays, "bn.running_var", Array(np.ones(5, np.float32)))
     with pytest.raises(WireFormatError, match=r"'bn.running_var' holds shape \(5,\), described"):
         _decode(arrays, formats)
 
 
 def test_wrong_shape_in_mantissas_rejected():
     arrays, formats = _encode()
-    arrays = _set(arrays, "fc.bias", Array(np.zeros(6, np.int8)))
+    arrays = with_item(arrays, "fc.bias", Array(np.zeros(6, np.int8)))
     with pytest.raises(WireFormatError, match=r"'fc.bias'.*mantissas hold 6 values.*needs 5"):
         _decode(arrays, formats)
 
@@ -301,7 +293,7 @@ def test_32_bit_format_with_mantissas_rejected():
     arrays, formats = _encode()
     description = json.loads(formats["fc.bias"])
     description["bits"] = 32
-    formats = _set(formats, "fc.bias", json.dumps(description))
+    formats = with_item(formats, "fc.bias", json.dumps(description))
     with pytest.raises(WireFormatError, match="32-bit format travels as float32"):
         decode_tensors(arrays, formats)
 
@@ -310,21 +302,21 @@ def test_truncated_packed_mantissas_rejected():
     arrays, formats = _encode(bits=4)
     packed = arrays["conv.weight"].numpy()
     assert packed.dtype == np.uint8 and packed.size == 36  # 72 codes, 2 per byte
-    arrays = _set(arrays, "conv.weight", Array(packed[:-1].copy()))
+    arrays = with_item(arrays, "conv.weight", Array(packed[:-1].copy()))
     with pytest.raises(WireFormatError, match=r"'conv.weight'.*mantissas hold 35 values.*36"):
         _decode(arrays, formats, bits=4)
 
 
 def test_unpacked_mantissas_at_4_bits_rejected():
     arrays, formats = _encode(bits=4)
-    arrays = _set(arrays, "fc.bias", Array(np.zeros(5, np.int8)))
+    arrays = with_item(arrays, "fc.bias", Array(np.zeros(5, np.int8)))
     with pytest.raises(WireFormatError, match="mantissas must be uint8 for 4 bits, got int8"):
         _decode(arrays, formats, bits=4)
 
 
 def test_wrong_mantissa_dtype_rejected():
     arrays, formats = _encode(bits=8)
-    arrays = _set(arrays, "fc.bias", Array(np.zeros(5, np.int16)))
+    arrays = with_item(arrays, "fc.bias", Array(np.zeros(5, np.int16)))
     with pytest.raises(WireFormatError, match="mantissas must be int8 for 8 bits, got int16"):
         _decode(arrays, formats)
 
@@ -332,7 +324,7 @@ def test_wrong_mantissa_dtype_rejected():
 def test_int16_exponents_rejected():
     arrays, formats = _encode()
     exps = arrays["conv.weight::exponents"].numpy().astype(np.int16)
-    arrays = _set(arrays, "conv.weight::exponents", Array(exps))
+    arrays = with_item(arrays, "conv.weight::exponents", Array(exps))
     with pytest.raises(WireFormatError, match="exponents must be int8, got int16"):
         _decode(arrays, formats)
 
@@ -341,7 +333,7 @@ def test_wrong_exponent_count_rejected():
     arrays, formats = _encode()
     exps = arrays["conv.weight::exponents"].numpy()
     assert exps.size == 8  # one per 3x3 kernel
-    arrays = _set(arrays, "conv.weight::exponents", Array(exps[:-1].copy()))
+    arrays = with_item(arrays, "conv.weight::exponents", Array(exps[:-1].copy()))
     with pytest.raises(WireFormatError, match=r"got 7 exponents but layout .* has 8 blocks"):
         _decode(arrays, formats)
 
@@ -352,14 +344,14 @@ def test_16bit_codes_outside_range_rejected():
     codes = arrays["w"].numpy().copy()
     assert codes.dtype == np.int16
     codes[0] = 4000  # 12-bit codes are in [-2048, 2047]
-    arrays = _set(arrays, "w", Array(codes))
+    arrays = with_item(arrays, "w", Array(codes))
     with pytest.raises(WireFormatError, match="outside the 12-bit range"):
         decode_tensors(arrays, formats, expected=specs_of(state), bits=12)
 
 
 def test_nan_in_raw_float_array_rejected():
     arrays, formats = _encode()
-    arrays = _set(arrays, "bn.running_var", Array(np.array([1, np.nan, 1, 1], np.float32)))
+    arrays = with_item(arrays, "bn.running_var", Array(np.array([1, np.nan, 1, 1], np.float32)))
     with pytest.raises(WireFormatError, match="'bn.running_var' contains NaN or inf"):
         _decode(arrays, formats)
 
@@ -367,7 +359,7 @@ def test_nan_in_raw_float_array_rejected():
 @pytest.mark.parametrize("bad", [np.inf, -np.inf])
 def test_inf_in_float_buffer_rejected(bad):
     arrays, formats = _encode()
-    arrays = _set(arrays, "bn.running_var", Array(np.array([1, 1, bad, 1], np.float32)))
+    arrays = with_item(arrays, "bn.running_var", Array(np.array([1, 1, bad, 1], np.float32)))
     with pytest.raises(WireFormatError, match="'bn.running_var' contains NaN or inf"):
         _decode(arrays, formats)
 
@@ -375,22 +367,22 @@ def test_inf_in_float_buffer_rejected(bad):
 def test_valid_codes_that_overflow_to_inf_rejected():
     """Code -128 with exponent 127 at 8 bits is -2^128: -inf in float32."""
     arrays, formats = _encode()
-    arrays = _set(arrays, "fc.bias", Array(np.full(5, -128, np.int8)))
-    arrays = _set(arrays, "fc.bias::exponents", Array(np.array([127], np.int8)))
+    arrays = with_item(arrays, "fc.bias", Array(np.full(5, -128, np.int8)))
+    arrays = with_item(arrays, "fc.bias::exponents", Array(np.array([127], np.int8)))
     with pytest.raises(WireFormatError, match="'fc.bias' contains NaN or inf"):
         _decode(arrays, formats)
 
 
 def test_float64_rejected():
     arrays, formats = _encode()
-    arrays = _set(arrays, "bn.running_var", Array(np.ones(4, np.float64)))
+    arrays = with_item(arrays, "bn.running_var", Array(np.ones(4, np.float64)))
     with pytest.raises(WireFormatError, match="is float64; floats travel as float32"):
         _decode(arrays, formats)
 
 
 def test_int_buffer_with_wrong_dtype_rejected():
     arrays, formats = _encode()
-    arrays = _set(arrays, "bn.num_batches_tracked", Array(np.array(7, np.int32)))
+    arrays = with_item(arrays, "bn.num_batches_tracked", Array(np.array(7, np.int32)))
     with pytest.raises(
         WireFormatError, match=r"'bn.num_batches_tracked' has dtype int32, expected torch.int64"
     ):
@@ -399,14 +391,14 @@ def test_int_buffer_with_wrong_dtype_rejected():
 
 def test_int_buffer_sent_as_float_rejected():
     arrays, formats = _encode()
-    arrays = _set(arrays, "bn.num_batches_tracked", Array(np.array(7, np.float32)))
+    arrays = with_item(arrays, "bn.num_batches_tracked", Array(np.array(7, np.float32)))
     with pytest.raises(WireFormatError, match="has dtype float32, expected torch.int64"):
         _decode(arrays, formats, allow_float=FLOAT_BUFFERS | {"bn.num_batches_tracked"})
 
 
 def test_float_tensor_sent_as_bool_rejected():
     arrays, formats = _encode()
-    arrays = _set(arrays, "bn.running_var", Array(np.ones(4, bool)))
+    arrays = with_item(arrays, "bn.running_var", Array(np.ones(4, bool)))
     with pytest.raises(WireFormatError, match="has dtype bool, expected torch.float32"):
         _decode(arrays, formats)
 
@@ -417,7 +409,7 @@ def test_int_buffer_sent_quantized_rejected():
         {"bn.num_batches_tracked": torch.tensor(7.0)}, BlockFloat(8)
     )
     arrays = ArrayRecord({**dict(arrays.items()), **dict(q_arrays.items())})
-    formats = _set(formats, "bn.num_batches_tracked", q_formats["bn.num_batches_tracked"])
+    formats = with_item(formats, "bn.num_batches_tracked", q_formats["bn.num_batches_tracked"])
     with pytest.raises(WireFormatError, match="is torch.int64 and must travel unquantized"):
         _decode(arrays, formats)
 
@@ -436,14 +428,14 @@ def test_int_buffer_sent_quantized_rejected():
 )
 def test_malformed_format_json_rejected(name, text):
     arrays, formats = _encode()
-    formats = _set(formats, name, text)
+    formats = with_item(formats, name, text)
     with pytest.raises(WireFormatError, match=f"'{name}'"):
         _decode(arrays, formats)
 
 
 def test_malformed_format_message_says_malformed():
     arrays, formats = _encode()
-    formats = _set(formats, "fc.bias", "{not json")
+    formats = with_item(formats, "fc.bias", "{not json")
     with pytest.raises(WireFormatError, match="format of 'fc.bias' is malformed"):
         _decode(arrays, formats)
 
@@ -452,7 +444,7 @@ def test_invalid_layout_in_format_rejected():
     arrays, formats = _encode()
     description = json.loads(formats["fc.bias"])
     description["layout"] = "bogus"
-    formats = _set(formats, "fc.bias", json.dumps(description))
+    formats = with_item(formats, "fc.bias", json.dumps(description))
     with pytest.raises(WireFormatError, match="'fc.bias' has an invalid format: unknown layout"):
         _decode(arrays, formats)
 
@@ -460,7 +452,7 @@ def test_invalid_layout_in_format_rejected():
 @pytest.mark.parametrize("shape", [[-1], [1] * 9])
 def test_invalid_shape_in_format_rejected(shape):
     arrays, formats = _encode()
-    formats = _set(formats, "bn.running_var", json.dumps({"shape": shape}))
+    formats = with_item(formats, "bn.running_var", json.dumps({"shape": shape}))
     with pytest.raises(WireFormatError, match="format of 'bn.running_var' has an invalid shape"):
         decode_tensors(arrays, formats)
 
@@ -468,7 +460,7 @@ def test_invalid_shape_in_format_rejected(shape):
 @pytest.mark.parametrize("value", [5, b"{}", ["a"], True])
 def test_non_string_format_value_rejected(value):
     arrays, formats = _encode()
-    formats = _set(formats, "fc.bias", value)
+    formats = with_item(formats, "fc.bias", value)
     with pytest.raises(WireFormatError, match="format of 'fc.bias' is not a JSON string"):
         _decode(arrays, formats)
 
@@ -484,7 +476,7 @@ def test_max_bytes_exceeded_rejected():
 def test_non_numpy_stype_rejected():
     arrays, formats = _encode()
     bogus = Array(dtype="int8", shape=(3,), stype="bogus", data=b"abc")
-    arrays = _set(arrays, "fc.bias", bogus)
+    arrays = with_item(arrays, "fc.bias", bogus)
     with pytest.raises(WireFormatError, match="array 'fc.bias' cannot be read"):
         _decode(arrays, formats)
 
@@ -492,7 +484,7 @@ def test_non_numpy_stype_rejected():
 def test_garbage_npy_payload_rejected():
     arrays, formats = _encode()
     garbage = Array(dtype="int8", shape=(5,), stype="numpy.ndarray", data=b"\x93NUMPY garbage")
-    arrays = _set(arrays, "fc.bias", garbage)
+    arrays = with_item(arrays, "fc.bias", garbage)
     with pytest.raises(WireFormatError, match="array 'fc.bias' cannot be read"):
         _decode(arrays, formats)
 
@@ -524,8 +516,8 @@ def test_pickled_object_array_is_never_unpickled():
 
     arrays, formats = _encode()
     evil = Array(dtype="object", shape=(2,), stype="numpy.ndarray", data=payload)
-    arrays = _set(arrays, "bn.running_var", evil)
-    formats = _set(formats, "bn.running_var", json.dumps({"shape": [2]}))
+    arrays = with_item(arrays, "bn.running_var", evil)
+    formats = with_item(formats, "bn.running_var", json.dumps({"shape": [2]}))
     with pytest.raises(WireFormatError, match="array 'bn.running_var' cannot be read"):
         decode_tensors(arrays, formats)  # no expected spec: the payload is what is checked
     with pytest.raises(WireFormatError):
@@ -540,13 +532,13 @@ def test_infinity_in_format_json_rejected(field):
     description[field] = [float("inf")] if field == "shape" else float("inf")
     text = json.dumps(description)  # json writes Infinity, and json.loads accepts it
     assert "Infinity" in text
-    formats = _set(formats, "fc.bias", text)
+    formats = with_item(formats, "fc.bias", text)
     with pytest.raises(WireFormatError, match="'fc.bias'"):
         _decode(arrays, formats)
 
 
 def test_big_endian_int_buffer_rejected_with_wire_error():
     arrays, formats = _encode()
-    arrays = _set(arrays, "bn.num_batches_tracked", Array(np.array(7, ">i8")))
+    arrays = with_item(arrays, "bn.num_batches_tracked", Array(np.array(7, ">i8")))
     with pytest.raises(WireFormatError, match="bn.num_batches_tracked"):
         _decode(arrays, formats)

@@ -3,10 +3,12 @@
 Run ``python -m benchmarks.quantization``. Prints one line per figure,
 ``<name>: <measured> (target <op> <value>)`` or ``(no target)``, and writes the figures as JSON
 to ``benchmarks/results/quantization.json``. Every baseline is measured in the same run.
+``--device cuda`` times only the training steps, on the GPU (``quantization_cuda.json``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -41,6 +43,7 @@ STEP_BUDGET_S = 60.0
 STEPS_PER_ROUND = 6
 CODEC_REPEATS = 5
 WIRE_BLOCK = 32
+CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ def training_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 def fp32_step_fn(x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     """A closure running one plain float32 Adam step of the ConvNet."""
-    model = convnet()
+    model = convnet().to(x.device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step() -> None:
@@ -106,7 +109,7 @@ def lowp_step_fn(
     x: torch.Tensor, y: torch.Tensor, precision: TrainingPrecision
 ) -> Callable[[], None]:
     """A closure running one low-precision step (weights ... optimizer state quantized)."""
-    model = convnet()
+    model = convnet().to(x.device)
     generator = torch.Generator().manual_seed(SEED)
     attach_quantizers(model, precision.activation, precision.error, generator)
     opt = LowPrecisionOptimizer.from_precision(
@@ -121,24 +124,27 @@ def lowp_step_fn(
     return step
 
 
-def time_round(fn: Callable[[], None], steps: int) -> float:
+def time_round(fn: Callable[[], None], steps: int, device: torch.device) -> float:
     """Seconds per call of ``fn``, averaged over ``steps`` consecutive calls."""
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    synchronize()
     start = time.perf_counter()
     for _ in range(steps):
         fn()
+    synchronize()
     return (time.perf_counter() - start) / steps
 
 
-def bench_train_step() -> list[Figure]:
+def bench_train_step(device: torch.device = CPU) -> list[Figure]:
     """Interleaved timing of the 8-bit and the float32 ConvNet training step."""
-    x, y = training_batch()
+    x, y = (t.to(device) for t in training_batch())
     fns = {
         "fp32": fp32_step_fn(x, y),
         "8bit": lowp_step_fn(x, y, precision_at(8, "block")),
         "8bit_reference_layout": lowp_step_fn(x, y, precision_at(8, "auto")),
     }
     for fn in fns.values():  # first calls load/compile numba kernels and warm allocators
-        time_round(fn, STEP_WARMUP)
+        time_round(fn, STEP_WARMUP, device)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
     for r in range(STEP_ROUNDS):
@@ -146,7 +152,7 @@ def bench_train_step() -> list[Figure]:
             break  # a busy machine: keep the whole run within a few minutes
         order = list(fns) if r % 2 == 0 else list(reversed(list(fns)))
         for name in order:
-            samples[name].append(time_round(fns[name], STEPS_PER_ROUND))
+            samples[name].append(time_round(fns[name], STEPS_PER_ROUND, device))
     median = {name: statistics.median(times) for name, times in samples.items()}
     fp32 = median["fp32"]
     return [
@@ -264,30 +270,43 @@ def environment() -> dict[str, object]:
         "machine": platform.machine(),
         "torch_threads": torch.get_num_threads(),
         "numba_threads": numba.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
 
-def write_results(figures: list[Figure], seconds: float) -> Path:
+def write_results(figures: list[Figure], seconds: float, path: Path = RESULTS_PATH) -> Path:
     """Write the figures and the environment as JSON; returns the path."""
-    RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "figures": {f.name: {**asdict(f), "met": f.met()} for f in figures},
         "environment": environment(),
         "seconds": seconds,
     }
-    RESULTS_PATH.write_text(json.dumps(report, indent=2) + "\n")
-    return RESULTS_PATH
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
 
 
-def main() -> None:
-    """Run every benchmark, print its figures and save them."""
+def main(argv: list[str] | None = None) -> None:
+    """Run every benchmark (only the training steps on a GPU), print the figures, save them."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    device = torch.device(parser.parse_args(argv).device)
     start = time.perf_counter()
+    benches: tuple[Callable[[], list[Figure]], ...] = (
+        bench_train_step,
+        bench_codec_throughput,
+        bench_encoded_size,
+    )
+    path = RESULTS_PATH
+    if device.type == "cuda":
+        benches = (lambda: bench_train_step(device),)
+        path = RESULTS_PATH.with_name("quantization_cuda.json")
     figures: list[Figure] = []
-    for bench in (bench_train_step, bench_codec_throughput, bench_encoded_size):
+    for bench in benches:
         for figure in bench():
             print(figure.line(), flush=True)
             figures.append(figure)
-    path = write_results(figures, time.perf_counter() - start)
+    path = write_results(figures, time.perf_counter() - start, path)
     print(f"wrote {path}")
 
 

@@ -39,13 +39,23 @@ def _mix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 15)
 
 
+def hash_counters(
+    counter: torch.Tensor, k1: int | torch.Tensor, k2: int | torch.Tensor
+) -> torch.Tensor:
+    """The 32-bit hashes (int64) of element counters under the key words ``(k1, k2)``."""
+    return _mix32(_mix32(counter ^ k1) ^ k2)
+
+
 def dither_bits(n: int, key: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The ``n`` 32-bit hashes (int64 tensor) stochastic rounding compares against under ``key``."""
+    check_dither_size(n)
+    return hash_counters(torch.arange(n, dtype=torch.int64, device=device), *split_key(key))
+
+
+def check_dither_size(n: int) -> None:
+    """Raise if one call would need more counters than the 32-bit hash has."""
     if n > MAX_ELEMENTS:
         raise ValueError(f"stochastic rounding supports at most 2^32 elements per call, got {n}")
-    k1, k2 = split_key(key)
-    counter = torch.arange(n, dtype=torch.int64, device=device)
-    return _mix32(_mix32(counter ^ k1) ^ k2)
 
 
 def uniform_dither(n: int, key: int, device: torch.device | str = "cpu") -> torch.Tensor:

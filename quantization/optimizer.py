@@ -135,7 +135,15 @@ class LowPrecisionOptimizer:
                     f"optimizer state {key!r} has shape {tuple(tensor.shape)}, "
                     f"parameter has {tuple(p.shape)}"
                 )
-            self.optimizer.state[p][name] = tensor.to(p.device).clone()
+            self.optimizer.state[p][name] = tensor.to(self._state_device(p, name)).clone()
+
+    def _state_device(self, p: torch.nn.Parameter, name: str) -> torch.device:
+        # torch keeps step counters on the CPU unless the optimizer is capturable or fused
+        if name == "step":
+            group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+            if not (group.get("capturable") or group.get("fused")):
+                return torch.device("cpu")
+        return p.device
 
 
 def _is_quantizable_state(name: str, value: object) -> bool:

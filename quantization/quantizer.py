@@ -12,13 +12,15 @@ torch. Both give bit-identical results for the same dither key.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 
 from . import _cpu_kernels
-from .dither import dither_bits, draw_key, split_key
+from .dither import check_dither_size, draw_key, hash_counters, split_key
 from .format import EXPONENT_MAX, EXPONENT_MIN, BlockFloat
 
 _FLOAT_EXPONENT_ALL_ONES = 0x7F800000
@@ -32,6 +34,7 @@ _NAN_MESSAGE = (
     "or find where the values diverged"
 )
 _cpu_kernels_enabled = True
+_compile_on_cuda = True
 
 
 @contextmanager
@@ -70,16 +73,14 @@ def _magnitude_keys(bits: torch.Tensor) -> torch.Tensor:
     return mag - (negative_power_of_two & (mag < _FLOAT_EXPONENT_ALL_ONES)).to(torch.int32)
 
 
-def _torch_exponents(flat: torch.Tensor, block_len: int, num_blocks: int) -> torch.Tensor:
-    """Per-block exponents (int16) by the torch path; raises on NaN or inf."""
-    keys = _magnitude_keys(_padded_blocks(flat, block_len, num_blocks).view(torch.int32))
-    keys = keys.amax(dim=1)
-    if bool((keys >= _FLOAT_EXPONENT_ALL_ONES).any()):
-        raise ValueError(_NAN_MESSAGE)
+def _exponents(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block exponents (int16) and a 0-dim "all finite" flag, with no host sync."""
+    keys = _magnitude_keys(blocks.view(torch.int32)).amax(dim=1)
+    finite = (keys >= _FLOAT_EXPONENT_ALL_ONES).any().logical_not()
     absmax = keys.view(torch.float32)
     _, exponent = torch.frexp(absmax)
     exps = (exponent.to(torch.int16) - 1).clamp_(EXPONENT_MIN, EXPONENT_MAX)
-    return exps.masked_fill_(absmax == 0, EXPONENT_MIN)
+    return exps.masked_fill_(absmax == 0, EXPONENT_MIN), finite
 
 
 def _scales(exps: torch.Tensor, bits: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -88,6 +89,72 @@ def _scales(exps: torch.Tensor, bits: int, device: torch.device) -> tuple[torch.
     half = torch.div(k, 2, rounding_mode="floor")
     one = torch.ones(k.shape, dtype=torch.float64, device=device)
     return tuple(torch.ldexp(one, p).to(torch.float32) for p in (half, k - half, -k))
+
+
+def _torch_quantize(
+    flat: torch.Tensor,
+    block_len: int,
+    num_blocks: int,
+    bits: int,
+    key_words: torch.Tensor,
+    mode: int,
+    codes: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(flat codes or values as float32, int16 exponents, finite flag) by torch ops alone."""
+    blocks = _padded_blocks(flat, block_len, num_blocks)
+    exps, finite = _exponents(blocks)
+    scale_a, scale_b, step = _scales(exps, bits, flat.device)
+    v = (blocks * scale_a[:, None]) * scale_b[:, None]
+    if mode == _cpu_kernels.ROUND_STOCHASTIC:
+        counter = torch.arange(blocks.numel(), dtype=torch.int64, device=flat.device)
+        hashes = hash_counters(counter.view(blocks.shape), key_words[0], key_words[1])
+        floor = torch.floor(v)
+        threshold = ((v - floor) * 2.0**32).to(torch.int64)
+        v = floor + (hashes < threshold).to(torch.float32)
+    elif mode == _cpu_kernels.ROUND_UP:
+        v = torch.ceil(v)
+    else:
+        v = torch.round(v)
+    v = v.clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    v = torch.where(v == 0, 0.0, v)  # -0.0 -> +0.0 (the compiler drops a `+ 0.0`)
+    if not codes:
+        v = v * step[:, None]
+    return v.reshape(-1)[: flat.numel()], exps, finite
+
+
+@functools.cache
+def _compiled_torch_quantize() -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    return torch.compile(_torch_quantize, dynamic=True)  # built on first use: importing is slow
+
+
+def _compiled_quantizer(
+    *args: object, mode: int, codes: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_torch_quantize`` fused into a few GPU kernels: one graph per rounding mode and output,
+    shapes and bit widths symbolic. The default limit of 8 graphs per function is too few."""
+    with torch._dynamo.config.patch(recompile_limit=64):
+        return _compiled_torch_quantize()(*args, mode=mode, codes=codes)
+
+
+def _device_quantize(
+    flat: torch.Tensor, block_len: int, num_blocks: int, bits: int, key: int, mode: int, codes: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The torch path: compiled on CUDA when ``torch.compile`` works there, eager otherwise."""
+    global _compile_on_cuda
+    key_words = torch.tensor(split_key(key), dtype=torch.int64, device=flat.device)
+    args = (flat, block_len, num_blocks, bits, key_words)
+    if _compile_on_cuda and flat.device.type == "cuda":
+        try:
+            return _compiled_quantizer(*args, mode=mode, codes=codes)
+        except Exception as error:  # no Triton / no compiler: the eager path gives the same codes
+            _compile_on_cuda = False
+            warnings.warn(
+                f"torch.compile of the CUDA quantizer failed ({error!r}); using eager torch ops, "
+                "which are correct but several times slower",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _torch_quantize(*args, mode=mode, codes=codes)
 
 
 def _quantize(
@@ -101,7 +168,10 @@ def _quantize(
     flat = _flat_float32(x)
     block_len, num_blocks = fmt.block_length(shape), fmt.num_blocks(shape)
     mode = _ROUNDING_MODES[fmt.rounding]
-    key = draw_key(generator) if mode == _cpu_kernels.ROUND_STOCHASTIC else 0
+    key = 0
+    if mode == _cpu_kernels.ROUND_STOCHASTIC:
+        check_dither_size(flat.numel())
+        key = draw_key(generator)
     out_dtype = code_dtype(fmt.bits) if codes else torch.float32
     if _cpu_kernels_enabled and flat.device.type == "cpu":
         result = torch.empty(flat.numel(), dtype=out_dtype)
@@ -116,32 +186,25 @@ def _quantize(
             result.numpy(),
             exps.numpy(),
         )
-        if not finite:
-            raise ValueError(_NAN_MESSAGE)
-        return result.view(shape), exps
-    exps = _torch_exponents(flat, block_len, num_blocks)
-    scale_a, scale_b, step = _scales(exps, fmt.bits, flat.device)
-    v = (_padded_blocks(flat, block_len, num_blocks) * scale_a[:, None]) * scale_b[:, None]
-    if mode == _cpu_kernels.ROUND_STOCHASTIC:
-        floor = torch.floor(v)
-        threshold = ((v - floor) * 2.0**32).to(torch.int64)
-        hashes = _padded_blocks(dither_bits(flat.numel(), key, flat.device), block_len, num_blocks)
-        v = floor + (hashes < threshold).to(torch.float32)
-    elif mode == _cpu_kernels.ROUND_UP:
-        v = torch.ceil(v)
     else:
-        v = torch.round(v)
-    v = v.clamp_(fmt.code_min, fmt.code_max) + 0.0
-    if not codes:
-        v = v * step[:, None]
-    return v.reshape(-1)[: flat.numel()].to(out_dtype).view(shape), exps
+        result, exps, finite = _device_quantize(
+            flat, block_len, num_blocks, fmt.bits, key, mode, codes
+        )
+        result = result.to(out_dtype)
+    if not finite:
+        raise ValueError(_NAN_MESSAGE)
+    return result.view(shape), exps
 
 
 def block_exponents(x: torch.Tensor, fmt: BlockFloat) -> torch.Tensor:
     """Shared exponents ``clamp(floor(log2(max|x|)), -128, 127)`` per block (-128 for all-zero)."""
     shape = tuple(x.shape)
     flat = _flat_float32(x)
-    return _torch_exponents(flat, fmt.block_length(shape), fmt.num_blocks(shape)).to(torch.int8)
+    blocks = _padded_blocks(flat, fmt.block_length(shape), fmt.num_blocks(shape))
+    exps, finite = _exponents(blocks)
+    if not finite:
+        raise ValueError(_NAN_MESSAGE)
+    return exps.to(torch.int8)
 
 
 def quantize(

@@ -16,7 +16,15 @@ from flwr.app import Array, ArrayRecord, Context, RecordDict
 from safetensors.torch import load_file
 
 from client_app.app import app as client_app
-from quantization.wire import specs_of
+from client_app.state import (
+    DEFAULT_STATE_SUBDIR,
+    STATE_KEY,
+    read_round_state,
+    state_directory,
+    write_round_state,
+)
+from quantization import FP32
+from quantization.wire import FORMAT_SUFFIX, encode_tensors, specs_of
 from server_app import checkpoint as checkpoint_module
 from server_app.app import main
 from server_app.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore, save_checkpoint
@@ -79,6 +87,11 @@ def _forget_strategy_state(monkeypatch: pytest.MonkeyPatch, out: Path) -> None:
     monkeypatch.setattr(checkpoint_module, "load_strategy_state", lambda strategy, arrays: None)
 
 
+def _forget_client_state(monkeypatch: pytest.MonkeyPatch, out: Path) -> None:
+    """Resume without the clients' optimizer-state files."""
+    shutil.rmtree(out / DEFAULT_STATE_SUBDIR)
+
+
 class Case(NamedTuple):
     """A resume scenario, and how to lose the state it needs (None: nothing to lose)."""
 
@@ -91,6 +104,7 @@ CASES = {
     "fedavg": Case("", False, None),
     "fedadam": Case("strategy=fedadam", False, _forget_strategy_state),
     "fedavgm": Case("strategy=fedavgm", False, _forget_strategy_state),
+    "client-optimizer-state": Case("", True, _forget_client_state),
 }
 
 
@@ -211,3 +225,61 @@ def test_checkpoint_without_strategy_state_is_refused_for_a_stateful_strategy(
     with pytest.raises(ValueError, match=r"lacks the FedYogi state \['current_arrays', 'm_t'"):
         restore(older, _strategy("fedyogi"), list(MODEL))
     restore(older, _strategy("fedavg"), list(MODEL))  # stateless: nothing is missing
+
+
+# ----------------------------------------------------------------------------- client state
+def _state(value: float) -> RecordDict:
+    """Optimizer state as ``save_optimizer_state`` stores it (here: one float tensor)."""
+    arrays, formats = encode_tensors({"0.exp_avg": torch.full((3,), value)}, FP32)
+    return RecordDict({STATE_KEY: arrays, STATE_KEY + FORMAT_SUFFIX: formats})
+
+
+def _rounds(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_client_state_file_round_trips_exactly(tmp_path: Path) -> None:
+    state = _state(1.5)
+    write_round_state(tmp_path, 3, state)
+    loaded = read_round_state(tmp_path, 4)
+    for key in (STATE_KEY, STATE_KEY + FORMAT_SUFFIX):
+        assert list(loaded[key].items()) == list(state[key].items())  # order too
+    assert _rounds(tmp_path) == ["round-3.safetensors"]  # atomic: no .tmp left
+
+
+def test_client_reads_the_newest_state_before_the_round(tmp_path: Path) -> None:
+    assert read_round_state(tmp_path / "missing", 5) is None
+    for server_round in (1, 3):
+        write_round_state(tmp_path, server_round, _state(server_round))
+    assert read_round_state(tmp_path, 1) is None
+    assert read_round_state(tmp_path, 3) == _state(1)  # round 3's own file is ignored
+    assert read_round_state(tmp_path, 9) == _state(3)
+
+
+def test_client_keeps_the_round_and_the_newest_earlier_one(tmp_path: Path) -> None:
+    for server_round in (1, 2, 5, 6):
+        write_round_state(tmp_path, server_round, _state(server_round))
+    assert _rounds(tmp_path) == ["round-5.safetensors", "round-6.safetensors"]
+    (tmp_path / "round-2.safetensors.tmp").write_bytes(b"torn")  # a crashed write
+    # The server resumed after round 3: round 5 and 6 are stale, round 4 is rewritten.
+    write_round_state(tmp_path, 4, _state(4.5))
+    assert _rounds(tmp_path) == ["round-4.safetensors"]  # no earlier file was left
+    write_round_state(tmp_path, 5, _state(5.5))
+    write_round_state(tmp_path, 5, _state(5.25))  # a retried round replaces its file
+    assert _rounds(tmp_path) == ["round-4.safetensors", "round-5.safetensors"]
+    assert read_round_state(tmp_path, 6) == _state(5.25)
+
+
+@pytest.mark.parametrize(
+    ("node_config", "run_config", "expected"),
+    [
+        ({}, {}, None),
+        ({}, {"output-dir": "/runs/a"}, "/runs/a/client-state/partition-2"),
+        ({}, {"output-dir": "/runs/a", "train.state_dir": "/s"}, "/s/partition-2"),
+        ({"state-dir": "/n"}, {"output-dir": "/runs/a", "train.state_dir": "/s"}, "/n/partition-2"),
+    ],
+)
+def test_state_directory_node_config_wins(node_config, run_config, expected) -> None:
+    cfg = load_config({"overrides": "dataset=synthetic", **run_config})
+    directory = state_directory(cfg, node_config, partition_id=2)
+    assert directory == (None if expected is None else Path(expected))

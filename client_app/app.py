@@ -16,7 +16,13 @@ from task.formats import downlink_format, training_precision, uplink_format
 from task.model import build_configured_model, float_buffer_names
 from task.training import evaluate_model, make_optimizer, train_local
 
-from .state import load_optimizer_state, save_optimizer_state
+from .state import (
+    load_optimizer_state,
+    read_round_state,
+    save_optimizer_state,
+    state_directory,
+    write_round_state,
+)
 
 ARRAYS_KEY = "arrays"
 app = ClientApp()
@@ -72,8 +78,10 @@ def train(msg: Message, context: Context) -> Message:
     optimizer = make_optimizer(
         model, t.optimizer, float(t.lr), precision, generator, t.momentum, t.weight_decay
     )
+    state_dir = state_directory(cfg, context.node_config, partition_id)
     if t.keep_optimizer_state:
-        load_optimizer_state(context.state, optimizer)
+        saved = read_round_state(state_dir, server_round) if state_dir else None
+        load_optimizer_state(context.state if saved is None else saved, optimizer)
     result = train_local(
         model,
         optimizer,
@@ -86,7 +94,11 @@ def train(msg: Message, context: Context) -> Message:
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         max_steps=int(t.max_steps),
     )
-    state_bytes = save_optimizer_state(context.state, optimizer) if t.keep_optimizer_state else 0
+    state_bytes = 0
+    if t.keep_optimizer_state:
+        state_bytes = save_optimizer_state(context.state, optimizer)
+        if state_dir:
+            write_round_state(state_dir, server_round, context.state)
     q = cfg.quantization
     arrays, formats = encode_tensors(
         {k: v.cpu() for k, v in model.state_dict().items()},

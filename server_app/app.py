@@ -80,7 +80,7 @@ class RoundRecorder:
         )
         self.last_time = now
         self.writer.add(row)  # first the row, then the checkpoint: a resume never skips a row
-        save_checkpoint(self.writer.output_dir, server_round, state, self.strategy.moving_average)
+        save_checkpoint(self.writer.output_dir, server_round, state, self.strategy)
         log(INFO, "%s", format_row(row, int(self.cfg.federation.num_rounds)))
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
@@ -100,7 +100,7 @@ def _resume(
             f"{out / CHECKPOINT_NAME} holds another model's tensors: resume with the same "
             "model and dataset settings as the run that wrote it"
         )
-    restore(checkpoint, strategy.moving_average, names)
+    restore(checkpoint, strategy, names)
     strategy.round_offset = checkpoint.round
     writer.load_rows(up_to=checkpoint.round)
     log(INFO, "Resuming after round %d from %s", checkpoint.round, out / CHECKPOINT_NAME)

@@ -149,6 +149,12 @@ def validate_config(cfg: DictConfig) -> None:
     require(train.lr > 0, "train.lr", "must be > 0")
     require(train.max_steps >= 0, "train.max_steps", "must be >= 0 (0 = no cap)")
     require(train.threads >= 1, "train.threads", "must be >= 1")
+    require(
+        isinstance(train.state_dir, str)
+        and (train.state_dir == "" or Path(train.state_dir).is_absolute()),
+        "train.state_dir",
+        "must be an absolute path or empty (the ClientApp runs in the SuperNode's directory)",
+    )
     require(0 <= server.moving_average < 1, "server.moving_average", "must be in [0, 1)")
     require(server.moving_average_start >= 1, "server.moving_average_start", "must be >= 1")
     require(

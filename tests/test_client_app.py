@@ -188,6 +188,23 @@ def test_optimizer_state_is_kept_between_rounds():
     assert _distance(_uplink(second, run_config), _uplink(fresh, run_config)) > 0
 
 
+def test_optimizer_state_survives_a_new_run_through_the_state_dir(tmp_path):
+    run_config = {
+        **_run_config("train.keep_optimizer_state=true"),
+        "train.state_dir": str(tmp_path),
+    }
+    context = _context(run_config)
+    client_app(_message(run_config, server_round=1), context)
+    kept = client_app(_message(run_config, server_round=2), context)
+    files = sorted(p.name for p in (tmp_path / "partition-0").iterdir())
+    assert files == ["round-1.safetensors", "round-2.safetensors"]
+
+    # A resumed run redoes round 2 with a fresh context: the round-1 file stands in for it.
+    resumed = client_app(_message(run_config, server_round=2), _context(run_config))
+    for name in kept.content["arrays"]:
+        assert kept.content["arrays"][name].data == resumed.content["arrays"][name].data, name
+
+
 def test_optimizer_state_not_stored_when_disabled():
     run_config = _run_config("train.keep_optimizer_state=false")
     context = _context(run_config)
@@ -310,9 +327,10 @@ def test_unknown_key_is_a_config_error():
         load_config({"overrides": "nosuchkey=3"})
 
 
-def test_relative_output_dir_is_a_config_error():
-    with pytest.raises(ConfigError, match="output_dir='relative/x': must be an absolute path"):
-        load_config({"output-dir": "relative/x"})
+@pytest.mark.parametrize("key", ["output_dir", "train.state_dir"])
+def test_relative_directory_is_a_config_error(key):
+    with pytest.raises(ConfigError, match=f"{key}='relative/x': must be an absolute path"):
+        load_config({key: "relative/x"})
 
 
 def test_run_config_overrides_mapping():

@@ -9,19 +9,15 @@ to ``benchmarks/results/quantization.json``. Every baseline is measured in the s
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
-import numba
 import numpy as np
 import torch
 from torch import nn
 
+from benchmarks.report import RESULTS_DIR, Figure, write_results
 from federated_data import load_image_data
 from models import ConvNet, resnet18_cifar
 from quantization import (
@@ -33,7 +29,7 @@ from quantization import (
     encode,
 )
 
-RESULTS_PATH = Path(__file__).resolve().parent / "results" / "quantization.json"
+RESULTS_PATH = RESULTS_DIR / "quantization.json"
 SEED = 0
 BATCH_SIZE = 32
 STEP_WARMUP = 3
@@ -44,30 +40,6 @@ STEPS_PER_ROUND = 6
 CODEC_REPEATS = 5
 WIRE_BLOCK = 32
 CPU = torch.device("cpu")
-
-
-@dataclass(frozen=True)
-class Figure:
-    """One measured figure, its unit and its target (``None``: reported only)."""
-
-    name: str
-    value: float
-    unit: str
-    target: str | None = None
-    samples: tuple[float, ...] = ()  # raw per-round measurements (seconds), where kept
-
-    def line(self) -> str:
-        """``name: value (target <op> <bound>)`` or ``(no target)``: the printed form."""
-        value = self.value
-        shown = str(int(value)) if value >= 1000 and value == int(value) else f"{value:.4g}"
-        return f"{self.name}: {shown} ({f'target {self.target}' if self.target else 'no target'})"
-
-    def met(self) -> bool | None:
-        """Whether the target holds (None without one)."""
-        if self.target is None:
-            return None
-        op, bound = self.target.split()
-        return self.value <= float(bound) if op == "<=" else self.value >= float(bound)
 
 
 def convnet() -> nn.Module:
@@ -259,31 +231,6 @@ def bench_encoded_size() -> list[Figure]:
             ),
         ]
     return figures
-
-
-def environment() -> dict[str, object]:
-    """Where and how the figures were measured."""
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numba": numba.__version__,
-        "machine": platform.machine(),
-        "torch_threads": torch.get_num_threads(),
-        "numba_threads": numba.get_num_threads(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-    }
-
-
-def write_results(figures: list[Figure], seconds: float, path: Path = RESULTS_PATH) -> Path:
-    """Write the figures and the environment as JSON; returns the path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "figures": {f.name: {**asdict(f), "met": f.met()} for f in figures},
-        "environment": environment(),
-        "seconds": seconds,
-    }
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    return path
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -20,18 +20,26 @@ def children(pid: int) -> list[int]:
     return kids + [g for k in kids for g in children(k)]
 
 
-def cmdline_pids(*needles: str) -> list[tuple[int, str]]:
-    """(pid, command line) of live processes whose command line contains every needle."""
-    found = []
+def _read_each(name: str) -> Iterator[tuple[int, bytes]]:
+    """(pid, bytes of /proc/<pid>/<name>) for every live process we may read."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            data = (entry / name).read_bytes()
         except OSError:
             continue
-        if all(needle in cmdline for needle in needles) and alive(int(entry.name)):
-            found.append((int(entry.name), cmdline))
+        if alive(int(entry.name)):
+            yield int(entry.name), data
+
+
+def cmdline_pids(*needles: str) -> list[tuple[int, str]]:
+    """(pid, command line) of live processes whose command line contains every needle."""
+    found = []
+    for pid, raw in _read_each("cmdline"):
+        cmdline = raw.replace(b"\0", b" ").decode(errors="replace")
+        if all(needle in cmdline for needle in needles):
+            found.append((pid, cmdline))
     return found
 
 
@@ -53,3 +61,23 @@ def terminate(pids: Iterable[int], grace: float = 5.0) -> None:
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and any(alive(p) for p in everything):
             time.sleep(0.1)
+
+
+def pids_with_env(name: str, value: str) -> list[int]:
+    """Live processes whose environment has ``name=value`` (what a run spawns inherits it)."""
+    needle = f"{name}={value}".encode()
+    return [pid for pid, environ in _read_each("environ") if needle in environ.split(b"\0")]
+
+
+def proportional_memory(pids: Iterable[int]) -> int:
+    """Bytes of memory the processes use, shared pages split between sharers (PSS), summed."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            continue
+    return total

@@ -75,48 +75,95 @@ def summarise(sweep_dir: Path) -> list[dict]:
         writer = csv.DictWriter(f, fieldnames=list(table[0]))
         writer.writeheader()
         writer.writerows(table)
-    lines = [
-        "| setting | seeds | rounds | accuracy (last 5 rounds, %) | uplink MB | downlink MB "
-        "| bytes vs fp32 |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['setting']} | {r['seeds']} | {r['rounds']} | {r['accuracy_mean']:.2f} "
-        f"± {r['accuracy_std']:.2f} | {r['uplink_mb']:.2f} | {r['downlink_mb']:.2f} "
-        f"| {r['share_of_fp32']:.3f} |"
-        for r in table
-    ]
+    lines = _markdown(table)
     (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
     _plot(runs, sweep_dir)
     return table
 
 
-def _plot(runs: dict[str, dict[str, list[dict]]], sweep_dir: Path) -> None:
-    fig_round, ax_round = plt.subplots(figsize=(11, 5))
-    fig_mb, ax_mb = plt.subplots(figsize=(11, 5))
-    for ax in (ax_round, ax_mb):  # 20 distinct colours, solid then dashed
-        ax.set_prop_cycle(color=list(plt.cm.tab10.colors) * 2, linestyle=["-"] * 10 + ["--"] * 10)
-    for setting, seeds in sorted(runs.items()):
-        length = min(len(r) for r in seeds.values())
-        mean_acc = [
-            100 * statistics.fmean(r[i]["accuracy"] for r in seeds.values()) for i in range(length)
+def _overrides(setting: str) -> dict[str, str]:
+    """``{"quantization": "bfp8", ...}`` from ``quantization=bfp8__server.moving_average=0``."""
+    return dict(part.split("=", 1) for part in setting.split("__") if "=" in part)
+
+
+def _markdown(table: list[dict]) -> list[str]:
+    """The table with one column per override that varies; the constant ones above it."""
+    settings = [_overrides(r["setting"]) for r in table]
+    keys = list(dict.fromkeys(k for s in settings for k in s))
+    varying = [k for k in keys if len({s.get(k, "") for s in settings}) > 1]
+    constant = [f"`{k}={settings[0][k]}`" for k in keys if k not in varying]
+    columns = [*varying, "seeds", "rounds", "accuracy (last 5 rounds, %)", "uplink MB"]
+    columns += ["downlink MB", "bytes vs fp32"]
+    lines = [f"All runs: {', '.join(constant)}.", ""] if constant else []
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row, setting in zip(table, settings, strict=True):
+        cells = [setting.get(k, "") for k in varying]
+        cells += [
+            str(row["seeds"]),
+            str(row["rounds"]),
+            f"{row['accuracy_mean']:.2f} ± {row['accuracy_std']:.2f}",
+            f"{row['uplink_mb']:.2f}",
+            f"{row['downlink_mb']:.2f}",
+            f"{row['share_of_fp32']:.3f}",
         ]
-        rounds = [r["round"] for r in next(iter(seeds.values()))[:length]]
-        first = next(iter(seeds.values()))
-        mb, total = [], 0.0
-        for row in first[:length]:
-            total += (row["uplink_bytes"] + row["downlink_bytes"]) / MB
-            mb.append(total)
-        ax_round.plot(rounds, mean_acc, label=setting)
-        ax_mb.plot(mb, mean_acc, label=setting)
-    ax_round.set(xlabel="round", ylabel="test accuracy (%), mean over seeds")
-    ax_mb.set(xlabel="cumulative MB communicated (up + down)", ylabel="test accuracy (%)")
-    for fig, ax, name in (
-        (fig_round, ax_round, "accuracy_vs_round.png"),
-        (fig_mb, ax_mb, "accuracy_vs_mb.png"),
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _panels(runs: dict[str, dict[str, list[dict]]]) -> dict[str, dict[str, dict]]:
+    """Runs grouped into one panel per setting-without-precision, one line per precision."""
+    panels: dict[str, dict[str, dict]] = defaultdict(dict)
+    for setting, seeds in sorted(runs.items()):
+        overrides = _overrides(setting)
+        precision = overrides.pop("quantization", "default")
+        title = "\n".join(f"{k}={v}" for k, v in overrides.items()) or "all runs"
+        panels[title][precision] = seeds
+    return panels
+
+
+def _curves(seeds: dict[str, list[dict]]) -> tuple[list[float], list[float], list[float], list]:
+    """(cumulative MB, mean accuracy %, std %, rounds) over the rounds every seed reached."""
+    length = min(len(r) for r in seeds.values())
+    accuracy = [[100 * r[i]["accuracy"] for r in seeds.values()] for i in range(length)]
+    mean = [statistics.fmean(a) for a in accuracy]
+    std = [statistics.stdev(a) if len(a) > 1 else 0.0 for a in accuracy]
+    first = next(iter(seeds.values()))[:length]
+    mb, total = [], 0.0
+    for row in first:
+        total += (row["uplink_bytes"] + row["downlink_bytes"]) / MB
+        mb.append(total)
+    return mb, mean, std, [row["round"] for row in first]
+
+
+def _plot(runs: dict[str, dict[str, list[dict]]], sweep_dir: Path) -> None:
+    panels = _panels(runs)
+    precisions = sorted({p for lines in panels.values() for p in lines})
+    colour = dict(zip(precisions, plt.cm.tab10.colors, strict=False))
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    for name, x_label in (
+        ("accuracy_vs_round.png", "round"),
+        ("accuracy_vs_mb.png", "cumulative MB communicated (up + down)"),
     ):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        fig, axes = plt.subplots(
+            rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False, sharey=True
+        )
+        for ax, (title, lines) in zip(axes.flat, panels.items(), strict=False):
+            for precision, seeds in lines.items():
+                mb, mean, std, rounds = _curves(seeds)
+                x = rounds if x_label == "round" else mb
+                ax.plot(x, mean, color=colour[precision], label=f"{precision} ({len(seeds)} seeds)")
+                low = [m - s for m, s in zip(mean, std, strict=True)]
+                high = [m + s for m, s in zip(mean, std, strict=True)]
+                ax.fill_between(x, low, high, color=colour[precision], alpha=0.15, linewidth=0)
+            ax.set_title(title, fontsize=7)
+            ax.set_xlabel(x_label, fontsize=8)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
+        for ax in axes.flat[len(panels) :]:
+            ax.axis("off")
+        for ax in axes[:, 0]:
+            ax.set_ylabel("test accuracy (%), mean ± std")
         fig.tight_layout()
-        fig.savefig(sweep_dir / name, dpi=120)
+        fig.savefig(sweep_dir / name, dpi=110)
         plt.close(fig)

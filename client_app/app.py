@@ -10,6 +10,7 @@ from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
 from quantization.wire import FORMAT_SUFFIX, decode_tensors, encode_tensors, specs_of
+from strategies.low_precision import LINEAGE_KEY
 from task.config import load_config, resolve_device
 from task.data import client_data
 from task.formats import downlink_format, training_precision, uplink_format
@@ -78,7 +79,8 @@ def train(msg: Message, context: Context) -> Message:
     optimizer = make_optimizer(
         model, t.optimizer, float(t.lr), precision, generator, t.momentum, t.weight_decay
     )
-    state_dir = state_directory(cfg, context.node_config, partition_id)
+    lineage = str(config.get(LINEAGE_KEY, ""))
+    state_dir = state_directory(cfg, context.node_config, partition_id, lineage)
     if t.keep_optimizer_state:
         saved = read_round_state(state_dir, server_round) if state_dir else None
         load_optimizer_state(context.state if saved is None else saved, optimizer)

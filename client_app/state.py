@@ -51,17 +51,21 @@ def load_optimizer_state(state: RecordDict, optimizer: LowPrecisionOptimizer) ->
 
 
 def state_directory(
-    cfg: DictConfig, node_config: Mapping[str, Any], partition_id: int
+    cfg: DictConfig, node_config: Mapping[str, Any], partition_id: int, lineage: str = ""
 ) -> Path | None:
     """This client's state-file folder, or None to keep the state only in ``context.state``.
 
     The root is ``--node-config state-dir=...`` if set, else ``train.state_dir``, else
-    ``<output_dir>/client-state`` when ``output_dir`` is set.
+    ``<output_dir>/client-state`` when ``output_dir`` is set. Below it, ``<lineage>/`` (the id
+    the server sends, shared by a run and its resumptions) keeps a fresh run that reuses the
+    folder from picking up the state of an earlier, unrelated run.
     """
     root = str(node_config.get(STATE_DIR_NODE_KEY) or cfg.train.state_dir)
     if not root and cfg.output_dir:
         root = str(Path(cfg.output_dir) / DEFAULT_STATE_SUBDIR)
-    return Path(root) / f"partition-{partition_id}" if root else None
+    if not root:
+        return None
+    return Path(root, lineage, f"partition-{partition_id}")
 
 
 def _round_files(directory: Path) -> dict[int, Path]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,7 +62,9 @@ def run_sweep(
         if (out / "model.safetensors").exists():
             print(f"[{index}/{len(combos)}] {out.name}: done already", flush=True)
             continue
-        out.mkdir(parents=True, exist_ok=True)
+        if out.exists():  # an interrupted attempt: start this run over
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
         all_overrides = f"{base} {' '.join(overrides)}".strip()
         t0 = time.perf_counter()
         code = run_simulation(

@@ -50,6 +50,7 @@ class Checkpoint:
     strategy_class: str | None = None
     strategy: dict[str, np.ndarray] = field(default_factory=dict)
     strategy_none: tuple[str, ...] = ()
+    lineage: str = ""
 
 
 def _tensors(prefix: str, arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -72,6 +73,7 @@ def save_checkpoint(
     tensors.update(_tensors(_STRATEGY, inner_state))
     metadata = {
         "round": str(server_round),
+        "lineage": strategy.lineage,
         "num_updates": str(moving_average.num_updates),
         "random_state": json.dumps(random.getstate()),
         "strategy": json.dumps(
@@ -113,6 +115,7 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
         strategy_class=strategy.get("class"),
         strategy={k: tensors[_STRATEGY + k].numpy() for k in strategy.get("order", [])},
         strategy_none=tuple(strategy.get("none", ())),
+        lineage=metadata.get("lineage", ""),
     )
 
 
@@ -129,6 +132,8 @@ def restore(checkpoint: Checkpoint, strategy: LowPrecisionStrategy, names: list[
     strategy.moving_average.average = average
     strategy.moving_average.num_updates = checkpoint.num_updates
     load_strategy_state(strategy, checkpoint.strategy)
+    if checkpoint.lineage:  # clients find the optimizer state of this lineage again
+        strategy.lineage = checkpoint.lineage
     random.setstate(checkpoint.random_state)
 
 

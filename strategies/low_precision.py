@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -31,6 +32,8 @@ from .node_order import PartitionOrder
 
 Weighting = Literal["num-examples", "uniform"]
 METRICS_KEY = "metrics"
+#: Train-config key naming the run lineage (a run and its resumptions), see ``lineage``.
+LINEAGE_KEY = "lineage"
 #: Largest accepted aggregation weight: sums of such weights stay far from overflow.
 MAX_WEIGHT = 1e12
 _PHASE_SEED = {"train": 0, "evaluate": 1}
@@ -88,6 +91,8 @@ class LowPrecisionStrategy(Strategy):
         #: Rounds already done before this run (a resumed run): Flower's loop counts from 1.
         self.round_offset = 0
         self.partition_order = PartitionOrder()
+        #: Names this run and any run that resumes it; clients key their state files by it.
+        self.lineage = uuid.uuid4().hex
         self.arrayrecord_key: str = getattr(inner, "arrayrecord_key", "arrays")
         self.weight_key: str = getattr(inner, "weighted_by_key", "num-examples")
         self._fp32_arrays_bytes = _fp32_record_bytes(self.template, self.arrayrecord_key)
@@ -124,6 +129,7 @@ class LowPrecisionStrategy(Strategy):
         """Let the inner strategy sample and configure, then quantize the model it sends."""
         server_round += self.round_offset
         grid = self.partition_order.ordered(grid)
+        config = ConfigRecord({**config, LINEAGE_KEY: self.lineage})
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         return self._quantize_broadcast(server_round, "train", arrays, messages)
 

@@ -283,3 +283,19 @@ def test_state_directory_node_config_wins(node_config, run_config, expected) -> 
     cfg = load_config({"overrides": "dataset=synthetic", **run_config})
     directory = state_directory(cfg, node_config, partition_id=2)
     assert directory == (None if expected is None else Path(expected))
+    assert state_directory(cfg, node_config, 2, lineage="ab12") == (
+        None if expected is None else Path(expected).parent / "ab12" / "partition-2"
+    )
+
+
+def test_a_fresh_run_ignores_client_state_left_in_its_folder_by_another_run(
+    tmp_path: Path,
+) -> None:
+    reused, fresh = tmp_path / "reused", tmp_path / "fresh"
+    _run(reused, extra="seed=1", keep_optimizer_state=True)  # leaves client-state behind
+    _run(reused, keep_optimizer_state=True)
+    _run(fresh, keep_optimizer_state=True)
+    a = load_file(str(reused / "model.safetensors"))
+    b = load_file(str(fresh / "model.safetensors"))
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert len(list((reused / DEFAULT_STATE_SUBDIR).iterdir())) == 2  # one folder per lineage

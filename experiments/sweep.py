@@ -26,6 +26,8 @@ from scripts.flwr_local import PROJECT_DIR, run_simulation
 from .summary import summarise
 
 DEFAULT_ROOT = PROJECT_DIR / "outputs" / "sweeps"
+#: One CPU per simulated client: Flower's default of 2 runs one client at a time on 2 cores.
+DEFAULT_FEDERATION_CONFIG = "client-resources-num-cpus=1"
 
 
 def combinations(axes: Sequence[str]) -> list[list[str]]:
@@ -51,7 +53,8 @@ def run_sweep(
     num_supernodes: int,
     root: Path = DEFAULT_ROOT,
     timeout: float | None = None,
-    client_cpus: int = 1,
+    federation_config: str = DEFAULT_FEDERATION_CONFIG,
+    dry_run: bool = False,
 ) -> Path:
     """Run every combination not finished yet; returns the sweep folder."""
     sweep_dir = root / name
@@ -61,6 +64,9 @@ def run_sweep(
         out = sweep_dir / run_name(overrides)
         if (out / "model.safetensors").exists():
             print(f"[{index}/{len(combos)}] {out.name}: done already", flush=True)
+            continue
+        if dry_run:
+            print(f"[{index}/{len(combos)}] {out.name}: would run", flush=True)
             continue
         if out.exists():  # an interrupted attempt: start this run over
             shutil.rmtree(out)
@@ -73,7 +79,7 @@ def run_sweep(
             flwr_home=sweep_dir / ".flwr_home",
             timeout=timeout,
             log_path=out / "flwr.log",
-            extra_federation_config=f"client-resources-num-cpus={client_cpus}",
+            extra_federation_config=federation_config,
         )
         rows = _rows(out)
         last = f"accuracy {100 * rows[-1]['accuracy']:.2f}%" if rows else "no results"
@@ -103,12 +109,13 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
     parser.add_argument("--timeout", type=float, default=None, help="seconds per run")
     parser.add_argument(
-        "--client-cpus",
-        type=int,
-        default=1,
-        help="CPUs per simulated client (Flower's default 2 runs one client at a time on 2 cores;"
-        " results do not depend on it)",
+        "--federation-config",
+        default=DEFAULT_FEDERATION_CONFIG,
+        help="more of flwr run's --federation-config, e.g. 'client-resources-num-cpus=2 "
+        "client-resources-num-gpus=0.25' to share a GPU between four clients (results do not "
+        "depend on it)",
     )
+    parser.add_argument("--dry-run", action="store_true", help="list the runs left, run none")
     args = parser.parse_args()
     run_sweep(
         args.name,
@@ -117,7 +124,8 @@ def main() -> None:
         args.num_supernodes,
         args.root,
         args.timeout,
-        args.client_cpus,
+        args.federation_config,
+        args.dry_run,
     )
 
 

@@ -69,7 +69,6 @@ def measure(num_clients: int, rounds: int, max_steps: int, workdir: Path) -> dic
             num_supernodes=num_clients,
             flwr_home=flwr_home,
             log_path=workdir / f"{num_clients}-clients.log",
-            extra_federation_config="client-resources-num-cpus=1",
         )
     wall = time.perf_counter() - started
     results = out / "results.json"

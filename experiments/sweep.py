@@ -21,13 +21,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from scripts.flwr_local import PROJECT_DIR, run_simulation
+from scripts.flwr_local import DEFAULT_FEDERATION_CONFIG, PROJECT_DIR, run_simulation
 
 from .summary import summarise
 
 DEFAULT_ROOT = PROJECT_DIR / "outputs" / "sweeps"
-#: One CPU per simulated client: Flower's default of 2 runs one client at a time on 2 cores.
-DEFAULT_FEDERATION_CONFIG = "client-resources-num-cpus=1"
 
 
 def combinations(axes: Sequence[str]) -> list[list[str]]:

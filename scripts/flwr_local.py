@@ -21,6 +21,9 @@ from scripts.processes import cmdline_pids, terminate
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 LOCAL_SUPERLINK_PORTS = (39091, 39093)
+#: One CPU per simulated client (each trains with one torch thread): Flower's default of 2
+#: runs a single client at a time on a 2-core machine. Results do not depend on it.
+DEFAULT_FEDERATION_CONFIG = "client-resources-num-cpus=1"
 OFFLINE_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -69,7 +72,7 @@ def run_simulation(
     flwr_home: Path | None = None,
     timeout: float | None = None,
     log_path: Path | None = None,
-    extra_federation_config: str = "",
+    extra_federation_config: str = DEFAULT_FEDERATION_CONFIG,
 ) -> int:
     """``flwr run . --stream`` with ``num_supernodes`` simulated clients; returns its exit code."""
     flwr_home = (flwr_home or PROJECT_DIR / ".flwr_home").resolve()
@@ -109,8 +112,20 @@ def main() -> None:
     parser.add_argument("--num-supernodes", type=int, default=10)
     parser.add_argument("--run-config", default="", help="as for flwr run --run-config")
     parser.add_argument("--flwr-home", type=Path, default=None)
+    parser.add_argument(
+        "--federation-config",
+        default=DEFAULT_FEDERATION_CONFIG,
+        help="more of flwr run's --federation-config (Flower backend options)",
+    )
     args = parser.parse_args()
-    sys.exit(run_simulation(args.run_config, args.num_supernodes, args.flwr_home))
+    sys.exit(
+        run_simulation(
+            args.run_config,
+            args.num_supernodes,
+            args.flwr_home,
+            extra_federation_config=args.federation_config,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.quantization
+	$(BIN)/python -m benchmarks.communication
 
 clean:
 	rm -rf $(VENV) .flwr_home .pytest_cache .ruff_cache

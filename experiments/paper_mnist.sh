@@ -27,6 +27,10 @@ for seed in $SEEDS; do
   sweep --axis "seed=$seed" --axis "partition.alpha=0.05" --axis "strategy=fedavg" \
     --axis "quantization=fp32,bfp8" --axis "server.moving_average=0.9" \
     --axis "server.moving_average_warmup=false"
+  # ablation: 8 bits with float32 Adam moments, as the reference code keeps them
+  sweep --axis "seed=$seed" --axis "partition.alpha=0.05" --axis "strategy=fedavg" \
+    --axis "quantization=bfp8" --axis "quantization.state_bits=32" \
+    --axis "server.moving_average=0,0.9" --axis "server.moving_average_warmup=true"
 done
 for seed in $SEEDS; do
   # milder skew without the moving average: does low precision still trail?

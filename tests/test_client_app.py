@@ -168,8 +168,10 @@ def _steps(state: RecordDict) -> set[float]:
     return {float(v) for k, v in tensors.items() if k.endswith(".step")}
 
 
-def test_optimizer_state_is_kept_between_rounds():
-    run_config = _run_config("train.keep_optimizer_state=true")
+@pytest.mark.parametrize("state_bits", [8, 32])
+def test_optimizer_state_is_kept_between_rounds(state_bits):
+    overrides = f"train.keep_optimizer_state=true quantization.state_bits={state_bits}"
+    run_config = _run_config(overrides)
     context = _context(run_config)
 
     client_app(_message(run_config, server_round=1), context)
@@ -177,7 +179,10 @@ def test_optimizer_state_is_kept_between_rounds():
     assert _steps(context.state) == {2.0}
     stored = read_tensors(context.state[STATE_KEY], context.state[STATE_KEY + FORMAT_SUFFIX])
     moments = [v for k, v in stored.items() if k.endswith(("exp_avg", "exp_avg_sq"))]
-    assert moments and all(isinstance(v, QuantizedTensor) and v.fmt.bits == 8 for v in moments)
+    if state_bits == 8:  # kept as BFP codes
+        assert moments and all(isinstance(v, QuantizedTensor) and v.fmt.bits == 8 for v in moments)
+    else:  # kept as float32 tensors (the default)
+        assert moments and all(v.dtype == torch.float32 for v in moments)
 
     second = client_app(_message(run_config, server_round=2), context)
     assert _steps(context.state) == {4.0}  # Adam's step counter continued

@@ -34,6 +34,7 @@ from quantization.wire import (
 )
 from strategies import LowPrecisionStrategy, ServerMovingAverage
 from strategies.factory import build_strategy
+from strategies.low_precision import LINEAGE_KEY
 from task.config import load_config
 from task.model import build_configured_model, float_buffer_names
 from tests.flower_harness import InProcessGrid
@@ -216,8 +217,11 @@ def test_configure_train_broadcasts_quantized_arrays(bits):
             assert mantissas.size == (t.numel() * bits + 7) // 8
             assert arrays[name + "::exponents"].numpy().dtype == np.int8
             assert description["bits"] == bits
-    # The config record travels unchanged (plus Flower's server-round).
-    assert content["config"]["lr"] == 0.01 and content["config"]["server-round"] == 1
+    # The config record travels unchanged, plus Flower's server-round and the run lineage.
+    sent_config = content["config"]
+    assert sent_config["lr"] == 0.01 and sent_config["server-round"] == 1
+    assert sent_config[LINEAGE_KEY] == strategy.lineage and len(strategy.lineage) == 32
+    assert "server-round" not in config  # the caller's record is not modified
 
     # Clients decode it at the downlink width; values are on the grid and near the model.
     decoded = decode_tensors(
@@ -237,7 +241,7 @@ def test_configure_train_broadcasts_quantized_arrays(bits):
     sizes = [serialized_size(m.content) for m in messages]
     assert len(set(sizes)) == 1
     assert traffic.downlink_bytes == sum(sizes) == len(NODES) * serialized_size(content)
-    fp32_content = RecordDict({"arrays": _initial(template), "config": config})
+    fp32_content = RecordDict({"arrays": _initial(template), "config": sent_config})
     assert traffic.fp32_downlink_bytes == len(NODES) * serialized_size(fp32_content)
 
 

@@ -25,9 +25,11 @@ def _setting(folder: Path) -> tuple[str, str]:
 
 
 def load_runs(sweep_dir: Path) -> dict[str, dict[str, list[dict]]]:
-    """{setting: {seed: rounds}} for every run folder with a results.json."""
+    """{setting: {seed: rounds}} for every finished run (a running one has no final model)."""
     runs: dict[str, dict[str, list[dict]]] = defaultdict(dict)
     for path in sorted(sweep_dir.glob("*/results.json")):
+        if not (path.parent / "model.safetensors").exists():
+            continue
         setting, seed = _setting(path.parent)
         runs[setting][seed] = json.loads(path.read_text())["rounds"]
     return runs

@@ -20,7 +20,7 @@ def test_combinations_cover_the_grid():
         combinations(["quantization"])
 
 
-def _fake_run(folder: Path, accuracies: list[float]) -> None:
+def _fake_run(folder: Path, accuracies: list[float], finished: bool = True) -> None:
     folder.mkdir(parents=True)
     rounds = [
         {
@@ -37,12 +37,15 @@ def _fake_run(folder: Path, accuracies: list[float]) -> None:
         for i, a in enumerate(accuracies)
     ]
     (folder / "results.json").write_text(json.dumps({"config": {}, "rounds": rounds}))
+    if finished:
+        (folder / "model.safetensors").write_bytes(b"")
 
 
 def test_summary_averages_the_last_five_rounds_over_seeds(tmp_path: Path):
     _fake_run(tmp_path / "quantization=bfp8__seed=0", [0.1, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
     _fake_run(tmp_path / "quantization=bfp8__seed=1", [0.1, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
     _fake_run(tmp_path / "quantization=fp32__seed=0", [0.1, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2])
+    _fake_run(tmp_path / "quantization=fp32__seed=1", [0.1, 0.9], finished=False)  # running
     table = {row["setting"]: row for row in summarise(tmp_path)}
     bfp8 = table["quantization=bfp8"]
     assert bfp8["seeds"] == 2 and bfp8["rounds"] == 6

@@ -113,11 +113,21 @@ def _markdown(table: list[dict]) -> list[str]:
 
 
 def _panels(runs: dict[str, dict[str, list[dict]]]) -> dict[str, dict[str, dict]]:
-    """Runs grouped into one panel per setting-without-precision, one line per precision."""
+    """One panel per setting apart from precision, one line per precision (``quantization``
+    and its ``quantization.*`` options); warm-up is dropped where averaging is off."""
     panels: dict[str, dict[str, dict]] = defaultdict(dict)
     for setting, seeds in sorted(runs.items()):
         overrides = _overrides(setting)
-        precision = overrides.pop("quantization", "default")
+        if overrides.get("server.moving_average") in ("0", "0.0"):
+            overrides.pop("server.moving_average_warmup", None)
+        precision = " ".join(
+            [overrides.pop("quantization", "default")]
+            + [
+                f"{k[len('quantization.') :]}={overrides.pop(k)}"
+                for k in list(overrides)
+                if k.startswith("quantization.")
+            ]
+        )
         title = "\n".join(f"{k}={v}" for k, v in overrides.items()) or "all runs"
         panels[title][precision] = seeds
     return panels

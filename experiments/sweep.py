@@ -16,10 +16,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import shutil
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from tqdm import tqdm
 
 from scripts.flwr_local import DEFAULT_FEDERATION_CONFIG, PROJECT_DIR, run_simulation
 
@@ -71,14 +75,15 @@ def run_sweep(
         out.mkdir(parents=True)
         all_overrides = f"{base} {' '.join(overrides)}".strip()
         t0 = time.perf_counter()
-        code = run_simulation(
-            run_config=f"overrides='{all_overrides}' output-dir='{out}'",
-            num_supernodes=num_supernodes,
-            flwr_home=sweep_dir / ".flwr_home",
-            timeout=timeout,
-            log_path=out / "flwr.log",
-            extra_federation_config=federation_config,
-        )
+        with RoundProgress(out / "flwr.log", f"[{index}/{len(combos)}]"):
+            code = run_simulation(
+                run_config=f"overrides='{all_overrides}' output-dir='{out}'",
+                num_supernodes=num_supernodes,
+                flwr_home=sweep_dir / ".flwr_home",
+                timeout=timeout,
+                log_path=out / "flwr.log",
+                extra_federation_config=federation_config,
+            )
         rows = _rows(out)
         last = f"accuracy {100 * rows[-1]['accuracy']:.2f}%" if rows else "no results"
         finished = code == 0 and (out / "model.safetensors").exists()  # flwr exits 0 anyway
@@ -90,6 +95,38 @@ def run_sweep(
         )
     summarise(sweep_dir)
     return sweep_dir
+
+
+class RoundProgress:
+    """A progress bar over a running simulation's rounds, read from its log's round lines."""
+
+    PATTERN = re.compile(r"round +(\d+)/(\d+) +accuracy +([\d.]+)%")
+
+    def __init__(self, log_path: Path, label: str, poll_s: float = 1.0) -> None:
+        self.log_path, self.label, self.poll_s = log_path, label, poll_s
+        self.last: tuple[str, str, str] | None = None  # (round, rounds, accuracy) last shown
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+
+    def _follow(self) -> None:
+        with tqdm(desc=self.label, unit="round", mininterval=2.0, leave=False) as bar:
+            while not self._stop.wait(self.poll_s):
+                text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+                rounds = self.PATTERN.findall(text)
+                if rounds and rounds[-1] != self.last:
+                    self.last = done, total, accuracy = rounds[-1]
+                    bar.total = int(total)
+                    bar.n = int(done)
+                    bar.set_postfix_str(f"accuracy {accuracy}%", refresh=False)
+                    bar.refresh()
+
+    def __enter__(self) -> RoundProgress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _rows(out: Path) -> list[dict]:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
 from experiments.summary import summarise
-from experiments.sweep import combinations, run_name, run_sweep
+from experiments.sweep import RoundProgress, combinations, run_name, run_sweep
 
 
 def test_combinations_cover_the_grid():
@@ -73,3 +74,18 @@ def test_a_tiny_real_sweep_runs_and_resumes(tmp_path: Path, capsys):
     )
     run_sweep("tiny", base, axes, num_supernodes=2, root=tmp_path, timeout=300)
     assert capsys.readouterr().out.count("done already") == 2
+
+
+def test_progress_follows_the_round_lines_of_a_running_simulation(tmp_path: Path):
+    log = tmp_path / "flwr.log"
+    with RoundProgress(log, "[1/1]", poll_s=0.01) as progress:
+        time.sleep(0.05)  # no log yet: nothing shown, no error
+        log.write_text(
+            "INFO: round   0/30  accuracy   7.28%  loss 2.30\n"
+            "INFO: round  12/30  accuracy  81.50%  loss 0.61\n"
+        )
+        for _ in range(200):
+            if progress.last:
+                break
+            time.sleep(0.01)
+    assert progress.last == ("12", "30", "81.50")

@@ -42,7 +42,8 @@ for seed in $SEEDS; do
     --axis "server.moving_average=0,0.9" --axis "server.moving_average_warmup=true"
 done
 for seed in $SEEDS; do
-  # milder skew without the moving average: does low precision still trail?
+  # milder skew without the moving average: does low precision still trail? (bfp8 here has
+  # the default float32 optimizer state)
   sweep --axis "seed=$seed" --axis "partition.alpha=0.1" --axis "strategy=fedavg" \
     --axis "quantization=fp32,bfp8" --axis "server.moving_average=0"
   # FedProx (mu 0.01) under strong skew with the default moving average

@@ -59,7 +59,7 @@ def run_sweep(
     dry_run: bool = False,
 ) -> Path:
     """Run every combination not finished yet; returns the sweep folder."""
-    sweep_dir = root / name
+    sweep_dir = root.resolve() / name  # the ServerApp needs an absolute output_dir
     combos = combinations(axes)
     started = time.perf_counter()
     for index, overrides in enumerate(combos, start=1):

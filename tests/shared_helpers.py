@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-import pytest
+from federated_data.loading import load_image_data, resolve_data_root
 
 
 def mnist_root() -> str:
-    """DATA_ROOT when it holds real MNIST; otherwise skip the calling test with the reason."""
-    root = os.environ.get("DATA_ROOT")
-    if not root:
-        pytest.skip("DATA_ROOT is not set; point it at a folder holding MNIST/raw (../shared/data)")
-    if not (Path(root) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
-        pytest.skip(f"DATA_ROOT={root!r} holds no MNIST/raw/train-images-idx3-ubyte")
+    """The real-MNIST data root: DATA_ROOT when set, else the default cache, downloading if needed.
+
+    Tests get the data the way users do: a missing dataset is downloaded through torchvision,
+    and offline that fails with the loader's error naming `dataset.root` / DATA_ROOT, so a test
+    that needs MNIST never passes (or skips) silently without it.
+    """
+    root = resolve_data_root(None)
+    for train in (True, False):
+        load_image_data("mnist", root, train=train)  # cached per process after the first call
     return root
 
 

@@ -11,10 +11,8 @@ when a test fails, and the last test checks that none is left.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -26,10 +24,10 @@ from deploy.processes import (
     ManagedProcess,
 )
 from scripts.processes import cmdline_pids
+from tests.shared_helpers import mnist_root
 
 pytestmark = pytest.mark.e2e
 
-DATA_ROOT = os.environ.get("DATA_ROOT", "")
 NUM_SUPERNODES = 3
 ROGUE = NUM_SUPERNODES  # index of the key pair that is never registered
 OVERRIDES = (
@@ -37,12 +35,6 @@ OVERRIDES = (
     f"federation.fraction_train=1.0 federation.min_available_clients={NUM_SUPERNODES} "
     "train.max_steps=20 server.max_eval_samples=1000 partition.scheme=iid"
 )
-
-if not (Path(DATA_ROOT) / "MNIST" / "raw").is_dir():
-    pytest.skip(
-        "needs real MNIST: set DATA_ROOT to a folder holding MNIST/raw (CI uses ../shared/data)",
-        allow_module_level=True,
-    )
 
 
 class Setup:
@@ -59,9 +51,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     workdir = tmp_path_factory.mktemp("deployment")
     credentials = Credentials(workdir / "credentials")
     make_credentials(credentials.directory, NUM_SUPERNODES + 1, hosts=["127.0.0.1"])
-    deployment = LoopbackDeployment(
-        workdir, credentials, extra_env={"DATA_ROOT": str(Path(DATA_ROOT).resolve())}
-    )
+    deployment = LoopbackDeployment(workdir, credentials, extra_env={"DATA_ROOT": mnist_root()})
     try:
         deployment.start_superlink(database=workdir / "superlink_state.db")
         node_ids = [

@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from scripts.flwr_local import run_simulation, superlink_pids
+from tests.shared_helpers import mnist_root
 
 pytestmark = pytest.mark.e2e
 
-DATA_ROOT = os.environ.get("DATA_ROOT", "")
 
-
-@pytest.mark.skipif(
-    not (Path(DATA_ROOT) / "MNIST" / "raw").is_dir(),
-    reason="needs real MNIST: set DATA_ROOT to a folder holding MNIST/raw (CI uses ../shared/data)",
-)
 def test_flwr_run_trains_8bit_fedavg_with_moving_average(tmp_path: Path) -> None:
+    mnist_root()  # the simulation reads the same root (DATA_ROOT or the default cache)
     out, home, log = tmp_path / "out", tmp_path / "flwr_home", tmp_path / "flwr.log"
     overrides = (
         "federation.num_rounds=3 federation.num_clients=4 federation.fraction_evaluate=0.5 "

@@ -57,15 +57,25 @@ def _mix32(h):
 
 @njit(inline="always")
 def _segment_key_max(bits):
-    """Max over a slice of float bits of |x|, one less for negative powers of two."""
-    m = np.int32(0)
+    """Max over a slice of float bits of |x|, one less when that max is a negative power of two.
+
+    Two plain reductions vectorize where a per-element key does not: as signed int32 the float
+    bits' maximum is the largest positive value, as uint32 the largest-magnitude negative one.
+    Among negatives the key (magnitude, minus one for a power of two) never decreases with the
+    magnitude, so the largest-magnitude negative has the largest negative key.
+    """
+    signed_max = np.int32(0)
+    unsigned_max = _U32(0)
     for j in range(bits.size):
-        v = bits[j]
-        mag = v & np.int32(0x7FFFFFFF)
+        signed_max = max(signed_max, bits[j])
+        unsigned_max = max(unsigned_max, _U32(bits[j]))
+    key = signed_max  # +0.0 when no element is positive
+    if unsigned_max >= _U32(0x80000000):
+        mag = np.int32(unsigned_max & _U32(0x7FFFFFFF))
         biased = mag >> np.int32(23)
-        negative_power_of_two = (v < 0) & ((v & np.int32(0x7FFFFF)) == 0)
-        m = max(m, mag - np.int32(negative_power_of_two & (biased != 0) & (biased != 255)))
-    return m
+        power_of_two = ((mag & np.int32(0x7FFFFF)) == 0) & (biased != 0) & (biased != 255)
+        key = max(key, mag - np.int32(power_of_two))
+    return key
 
 
 @njit(inline="always")

@@ -69,6 +69,26 @@ def test_extreme_magnitudes_and_empty(backend):
     assert torch.equal(_run(backend, quantize, torch.empty(0, 3), fmt), torch.empty(0, 3))
 
 
+@pytest.mark.parametrize("block_size", [1, 2, 3, 5, 8])
+def test_backends_agree_on_signed_zeros_powers_of_two_and_subnormals(block_size):
+    """Shared exponents where the largest magnitude is a negative power of two, -0.0, a
+    subnormal or near the float32 limit: the numba kernel's sign-split maxima against torch's
+    per-element keys."""
+    specials = torch.tensor(
+        [0.0, -0.0, 1.0, -1.0, -2.0, 2.0, -0.5, -4.0, 1.5, -1.5, 1e-45, -1e-45, 0.75, -3.0]
+    )
+    extremes = torch.tensor([2.0**-126, 3e38, 2.0**-149, 2.0**127, 2.0**-130])
+    specials = torch.cat([specials, extremes, -extremes])
+    generator = torch.Generator().manual_seed(block_size)
+    fmt = BlockFloat(4, layout="block", block_size=block_size, rounding="nearest")
+    for _ in range(50):
+        x = specials[torch.randint(len(specials), (40,), generator=generator)]
+        codes, exps = quantize_codes(x, fmt)
+        with torch_backend():
+            want_codes, want_exps = quantize_codes(x, fmt)
+        assert torch.equal(exps, want_exps) and torch.equal(codes, want_codes)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_input_raises(backend, bad):

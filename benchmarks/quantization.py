@@ -2,7 +2,8 @@
 
 Run ``python -m benchmarks.quantization``. Prints one line per figure,
 ``<name>: <measured> (target <op> <value>)`` or ``(no target)``, and writes the figures as JSON
-to ``benchmarks/results/quantization.json``. Every baseline is measured in the same run.
+to ``benchmarks/results/quantization.json``. Every baseline is measured in the same run, in
+the same process, under the allocator setting the ClientApp uses (``task/allocator.py``).
 ``--device cuda`` times only the training steps, on the GPU (``quantization_cuda.json``).
 """
 
@@ -28,6 +29,7 @@ from quantization import (
     attach_quantizers,
     encode,
 )
+from task.allocator import retain_freed_memory
 
 RESULTS_PATH = RESULTS_DIR / "quantization.json"
 SEED = 0
@@ -107,14 +109,43 @@ def time_round(fn: Callable[[], None], steps: int, device: torch.device) -> floa
     return (time.perf_counter() - start) / steps
 
 
-def bench_train_step(device: torch.device = CPU) -> list[Figure]:
-    """Interleaved timing of the 8-bit and the float32 ConvNet training step."""
+def bench_train_step(device: torch.device = CPU, single_thread: bool = False) -> list[Figure]:
+    """Interleaved timing of the 8-bit and the float32 ConvNet training step.
+
+    ``single_thread``: both steps on one torch thread, as each simulated client trains by
+    default (``train.threads=1``); otherwise on torch's default thread count.
+    """
+    threads = torch.get_num_threads()
+    if single_thread:
+        torch.set_num_threads(1)
+    try:
+        median, samples = _median_step_seconds(device, with_reference_layout=not single_thread)
+    finally:
+        torch.set_num_threads(threads)
+    fp32 = median["fp32"]
+    if single_thread:
+        return [Figure("train_step_ratio_8bit_vs_fp32_1thread", median["8bit"] / fp32, "x")]
+    return [
+        Figure("train_step_ratio_8bit_vs_fp32", median["8bit"] / fp32, "x", "<= 1.3"),
+        Figure(
+            "train_step_ratio_8bit_reference_layout_vs_fp32",
+            median["8bit_reference_layout"] / fp32,
+            "x",
+        ),
+    ] + [
+        Figure(f"train_step_{name}_ms", median[name] * 1e3, "ms", samples=tuple(samples[name]))
+        for name in median
+    ]
+
+
+def _median_step_seconds(
+    device: torch.device, with_reference_layout: bool
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Median seconds per step of each variant, timed in alternating order, and the samples."""
     x, y = (t.to(device) for t in training_batch())
-    fns = {
-        "fp32": fp32_step_fn(x, y),
-        "8bit": lowp_step_fn(x, y, precision_at(8, "block")),
-        "8bit_reference_layout": lowp_step_fn(x, y, precision_at(8, "auto")),
-    }
+    fns = {"fp32": fp32_step_fn(x, y), "8bit": lowp_step_fn(x, y, precision_at(8, "block"))}
+    if with_reference_layout:
+        fns["8bit_reference_layout"] = lowp_step_fn(x, y, precision_at(8, "auto"))
     for fn in fns.values():  # first calls load/compile numba kernels and warm allocators
         time_round(fn, STEP_WARMUP, device)
     samples: dict[str, list[float]] = {name: [] for name in fns}
@@ -125,19 +156,7 @@ def bench_train_step(device: torch.device = CPU) -> list[Figure]:
         order = list(fns) if r % 2 == 0 else list(reversed(list(fns)))
         for name in order:
             samples[name].append(time_round(fns[name], STEPS_PER_ROUND, device))
-    median = {name: statistics.median(times) for name, times in samples.items()}
-    fp32 = median["fp32"]
-    return [
-        Figure("train_step_ratio_8bit_vs_fp32", median["8bit"] / fp32, "x", "<= 1.3"),
-        Figure(
-            "train_step_ratio_8bit_reference_layout_vs_fp32",
-            median["8bit_reference_layout"] / fp32,
-            "x",
-        ),
-    ] + [
-        Figure(f"train_step_{name}_ms", median[name] * 1e3, "ms", samples=tuple(samples[name]))
-        for name in fns
-    ]
+    return {name: statistics.median(times) for name, times in samples.items()}, samples
 
 
 def float_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -239,8 +258,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     device = torch.device(parser.parse_args(argv).device)
     start = time.perf_counter()
+    retain_freed_memory()  # as the ClientApp does (train.retain_freed_memory), for every variant
     benches: tuple[Callable[[], list[Figure]], ...] = (
         bench_train_step,
+        lambda: bench_train_step(single_thread=True),
         bench_codec_throughput,
         bench_encoded_size,
     )

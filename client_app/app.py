@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from quantization.wire import FORMAT_SUFFIX, decode_tensors, encode_tensors, specs_of
 from strategies.low_precision import LINEAGE_KEY
+from task.allocator import retain_freed_memory
 from task.config import load_config, resolve_device
 from task.data import client_data
 from task.formats import downlink_format, training_precision, uplink_format
@@ -65,6 +66,8 @@ def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     cfg = load_config(context.run_config)
     torch.set_num_threads(int(cfg.train.threads))
+    if cfg.train.retain_freed_memory:
+        retain_freed_memory()
     partition_id, num_partitions = _partition(cfg, context)
     config = msg.content.config_records.get("config", {})
     server_round = int(config.get("server-round", 0))

@@ -35,7 +35,7 @@ RESULTS_PATH = RESULTS_DIR / "quantization.json"
 SEED = 0
 BATCH_SIZE = 32
 STEP_WARMUP = 3
-STEP_ROUNDS = 9
+STEP_ROUNDS = 15
 STEP_MIN_ROUNDS = 3
 STEP_BUDGET_S = 60.0
 STEPS_PER_ROUND = 6
@@ -112,6 +112,8 @@ def time_round(fn: Callable[[], None], steps: int, device: torch.device) -> floa
 def bench_train_step(device: torch.device = CPU, single_thread: bool = False) -> list[Figure]:
     """Interleaved timing of the 8-bit and the float32 ConvNet training step.
 
+    Each round times every variant back to back; a ratio is the median over rounds of that
+    round's ratio, so a slow spell of a shared machine slows both sides of it alike.
     ``single_thread``: both steps on one torch thread, as each simulated client trains by
     default (``train.threads=1``); otherwise on torch's default thread count.
     """
@@ -119,29 +121,33 @@ def bench_train_step(device: torch.device = CPU, single_thread: bool = False) ->
     if single_thread:
         torch.set_num_threads(1)
     try:
-        median, samples = _median_step_seconds(device, with_reference_layout=not single_thread)
+        samples = _step_seconds(device, with_reference_layout=not single_thread)
     finally:
         torch.set_num_threads(threads)
-    fp32 = median["fp32"]
+
+    def ratio(name: str) -> float:
+        return statistics.median(t / f for t, f in zip(samples[name], samples["fp32"], strict=True))
+
     if single_thread:
-        return [Figure("train_step_ratio_8bit_vs_fp32_1thread", median["8bit"] / fp32, "x")]
+        return [Figure("train_step_ratio_8bit_vs_fp32_1thread", ratio("8bit"), "x")]
     return [
-        Figure("train_step_ratio_8bit_vs_fp32", median["8bit"] / fp32, "x", "<= 1.3"),
+        Figure("train_step_ratio_8bit_vs_fp32", ratio("8bit"), "x", "<= 1.3"),
         Figure(
-            "train_step_ratio_8bit_reference_layout_vs_fp32",
-            median["8bit_reference_layout"] / fp32,
-            "x",
+            "train_step_ratio_8bit_reference_layout_vs_fp32", ratio("8bit_reference_layout"), "x"
         ),
     ] + [
-        Figure(f"train_step_{name}_ms", median[name] * 1e3, "ms", samples=tuple(samples[name]))
-        for name in median
+        Figure(
+            f"train_step_{name}_ms",
+            statistics.median(times) * 1e3,
+            "ms",
+            samples=tuple(times),
+        )
+        for name, times in samples.items()
     ]
 
 
-def _median_step_seconds(
-    device: torch.device, with_reference_layout: bool
-) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Median seconds per step of each variant, timed in alternating order, and the samples."""
+def _step_seconds(device: torch.device, with_reference_layout: bool) -> dict[str, list[float]]:
+    """Seconds per step of each variant, one sample per round, variants alternating order."""
     x, y = (t.to(device) for t in training_batch())
     fns = {"fp32": fp32_step_fn(x, y), "8bit": lowp_step_fn(x, y, precision_at(8, "block"))}
     if with_reference_layout:
@@ -156,7 +162,7 @@ def _median_step_seconds(
         order = list(fns) if r % 2 == 0 else list(reversed(list(fns)))
         for name in order:
             samples[name].append(time_round(fns[name], STEPS_PER_ROUND, device))
-    return {name: statistics.median(times) for name, times in samples.items()}, samples
+    return samples
 
 
 def float_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,9 +1,15 @@
 """Fused CPU kernel (numba) for block floating point; the same arithmetic as the torch path.
 
-One call does everything: a pass finds each block's largest magnitude (on the float bits, so
-NaN/inf are caught for free), then per block the exponent and power-of-two scales, and one pass
-that scales, dithers, rounds, clamps and writes. All element arithmetic is float32 and uint32
-(16 lanes per AVX-512 vector) and exact: scaling by powers of two, ``floor``, ``v - floor(v)``.
+Two passes over the flat tensor: the first finds each block's largest magnitude (on the float
+bits, so NaN/inf are caught for free), the second derives each block's exponent and
+power-of-two scales and scales, dithers, rounds, clamps and writes every element. All element
+arithmetic is float32 and uint32 (16 lanes per AVX-512 vector) and exact: scaling by powers of
+two, ``floor``, ``v - floor(v)``.
+
+Each pass splits the tensor into chunks that threads claim from an atomic counter: on torch's
+own OpenMP threads when torch runs several (``_openmp.py``), else on the calling thread. Where
+a block spans chunks, each chunk keeps its own partial maxima, merged before the second pass;
+a dither depends only on the element's flat index, so results never depend on the threads.
 
 Stochastic rounding adds one with probability ``floor(frac * 2^32) / 2^32`` (``frac = v -
 floor(v)``), by comparing the 32-bit counter hash ``h`` (see ``dither.py``) with that integer:
@@ -12,9 +18,15 @@ unbiased to within 2^-32 of a step.
 
 from __future__ import annotations
 
+from array import array
+
 import numpy as np
-from numba import njit, types
+import torch
+from llvmlite import ir
+from numba import carray, cfunc, njit, types
 from numba.extending import intrinsic
+
+from ._openmp import openmp_parallel
 
 _U32 = np.uint32
 _F32 = np.float32
@@ -116,66 +128,194 @@ _POW2 = np.ldexp(np.float32(1.0), np.arange(-149, 128)).astype(np.float32)
 _POW2_OFFSET = 149
 
 
-def _block_keys(bits, block_len, keys):
-    """keys[b] = the largest magnitude key of block b (see ``_segment_key_max``)."""
-    n = bits.size
-    for b in range(keys.size):
-        keys[b] = _segment_key_max(bits[b * block_len : min(n, (b + 1) * block_len)])
+@njit(inline="always")
+def _keys_range(bits, block_len, start, stop, keys):
+    """keys[b] = the largest magnitude key (``_segment_key_max``) of block b's elements in
+    ``[start, stop)``, for each block that range overlaps."""
+    for b in range(start // block_len, (stop - 1) // block_len + 1):
+        i0, i1 = max(start, b * block_len), min(stop, (b + 1) * block_len)
+        keys[b] = _segment_key_max(bits[i0:i1])
 
 
-def _round_blocks(x, block_len, nbits, mode, k1, k2, codes_only, keys, pow2, out, exps):
-    """Round every element given its block's magnitude key (``out`` must not overlap ``x``:
-    aliasing makes LLVM fall back to scalar code)."""
-    n = x.size
+@njit(cache=True)  # not inlined: each ``out`` type (None included) compiles on its own
+def _round_range(x, block_len, start, stop, nbits, mode, k1, k2, codes_only, keys, out, exps):
+    """Round the elements in ``[start, stop)`` given their blocks' magnitude keys, into ``out``
+    or, when it is None, into ``x``; the range holding a block's first element writes its
+    exponent."""
     lo = _F32(-(1 << (nbits - 1)))
     hi = _F32((1 << (nbits - 1)) - 1)
-    for b in range(keys.size):
+    for b in range(start // block_len, (stop - 1) // block_len + 1):
         e = _exponent_of_key(keys[b])
-        exps[b] = e
+        if b * block_len >= start:
+            exps[b] = e
         k = nbits - 2 - e
-        scale_a = pow2[k // 2 + _POW2_OFFSET]
-        scale_b = pow2[k - k // 2 + _POW2_OFFSET]
-        step = _F32(1.0) if codes_only else pow2[-k + _POW2_OFFSET]
-        i0, i1 = b * block_len, min(n, (b + 1) * block_len)
-        _round_segment(x[i0:i1], out[i0:i1], i0, scale_a, scale_b, step, lo, hi, mode, k1, k2)
+        scale_a = _POW2[k // 2 + _POW2_OFFSET]
+        scale_b = _POW2[k - k // 2 + _POW2_OFFSET]
+        step = _F32(1.0) if codes_only else _POW2[-k + _POW2_OFFSET]
+        i0, i1 = max(start, b * block_len), min(stop, (b + 1) * block_len)
+        xs = x[i0:i1]
+        if out is None:  # through the very same slice: two would look like aliases to LLVM
+            _round_segment(xs, xs, i0, scale_a, scale_b, step, lo, hi, mode, k1, k2)
+        else:
+            _round_segment(xs, out[i0:i1], i0, scale_a, scale_b, step, lo, hi, mode, k1, k2)
 
 
-# Serial on purpose: numba's thread pools (omp, workqueue) and Python threads fought torch's
-# OpenMP pool for the cores here (10-35x slower training steps with numba's pools on small
-# tensors; erratic 2-13 ms per 4M-element call with threads); single-threaded it is steady.
-_keys_kernel = njit(cache=True, nogil=True)(_block_keys)
-_round_kernel = njit(cache=True, nogil=True)(_round_blocks)
+# The worker reads its arguments from one int64 vector (addresses and scalars), so the same
+# compiled callback serves the calling thread and torch's OpenMP threads.
+(_X, _OUT, _KEYS, _EXPS, _N, _NUM_BLOCKS, _BLOCK_LEN, _CHUNK_LEN, _NUM_CHUNKS) = range(9)
+(_KEY_ROWS, _BITS, _MODE, _K1, _K2, _CODES_ONLY, _OUT_KIND, _PHASE, _NEXT_CHUNK) = range(9, 18)
+_NUM_ARGS = 18
+_PHASE_KEYS, _PHASE_ROUND = 0, 1
+_OUT_KINDS = {torch.float32: 0, torch.int8: 1, torch.int16: 2}
+_IN_PLACE = 3
+MIN_CHUNK = 1 << 15  # elements; smaller chunks cost more to hand out than they save
+CHUNKS_PER_THREAD = 4  # a thread the machine preempts delays only its current chunk
+
+
+@intrinsic
+def _as_pointer(typingctx, address):
+    """An int64 address as a void pointer."""
+    sig = types.voidptr(types.int64)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(types.voidptr))
+
+    return sig, codegen
+
+
+@intrinsic
+def _claim(typingctx, data, slot):
+    """Atomically add one to the int64 ``data[slot]``; returns the value before."""
+    sig = types.int64(types.voidptr, types.int64)
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        counter = builder.gep(builder.bitcast(args[0], i64.as_pointer()), [args[1]])
+        return builder.atomic_rmw("add", counter, ir.Constant(i64, 1), "monotonic")
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def _array(args, slot, size, dtype):
+    return carray(_as_pointer(args[slot]), size, dtype=dtype)
+
+
+@njit(inline="always")
+def _round_chunk(args, start, stop, x, out):
+    num_blocks = args[_NUM_BLOCKS]
+    _round_range(
+        x,
+        args[_BLOCK_LEN],
+        start,
+        stop,
+        args[_BITS],
+        args[_MODE],
+        _U32(args[_K1]),
+        _U32(args[_K2]),
+        args[_CODES_ONLY] != 0,
+        _array(args, _KEYS, num_blocks, np.int32),
+        out,
+        _array(args, _EXPS, num_blocks, np.int16),
+    )
+
+
+@cfunc(types.void(types.voidptr), cache=True, nopython=True)
+def _worker(data):
+    """Claim chunks of the flat array until none is left and run the current phase on each."""
+    args = carray(data, _NUM_ARGS, dtype=np.int64)
+    n, num_blocks, block_len, chunk_len = (
+        args[_N],
+        args[_NUM_BLOCKS],
+        args[_BLOCK_LEN],
+        args[_CHUNK_LEN],
+    )
+    while True:
+        chunk = _claim(data, _NEXT_CHUNK)
+        if chunk >= args[_NUM_CHUNKS]:
+            return
+        start = chunk * chunk_len
+        stop = min(n, start + chunk_len)
+        if args[_PHASE] == _PHASE_KEYS:
+            row = chunk if args[_KEY_ROWS] > 1 else 0
+            keys = _array(args, _KEYS, args[_KEY_ROWS] * num_blocks, np.int32)
+            bits = _array(args, _X, n, np.int32)
+            _keys_range(
+                bits, block_len, start, stop, keys[row * num_blocks : (row + 1) * num_blocks]
+            )
+        else:
+            x = _array(args, _X, n, np.float32)
+            kind = args[_OUT_KIND]
+            if kind == _IN_PLACE:
+                _round_chunk(args, start, stop, x, None)
+            elif kind == 0:
+                _round_chunk(args, start, stop, x, _array(args, _OUT, n, np.float32))
+            elif kind == 1:
+                _round_chunk(args, start, stop, x, _array(args, _OUT, n, np.int8))
+            else:
+                _round_chunk(args, start, stop, x, _array(args, _OUT, n, np.int16))
+
+
+_run_on_this_thread = _worker.ctypes
+
+
+def _chunking(n: int, block_len: int, threads: int) -> tuple[int, int, int]:
+    """(chunk length, number of chunks, key rows): chunks hold whole blocks where blocks are
+    shorter than a chunk (one row of keys); else a block spans chunks and each chunk keeps
+    its own row of partial maxima."""
+    chunk_len = max(MIN_CHUNK, -(-n // (threads * CHUNKS_PER_THREAD)))
+    if block_len <= chunk_len:
+        chunk_len = -(-chunk_len // block_len) * block_len
+    num_chunks = -(-n // chunk_len)
+    return chunk_len, num_chunks, (1 if block_len <= chunk_len else num_chunks)
+
+
+def _run(args: array, phase: int, threads: int) -> None:
+    args[_PHASE] = phase
+    args[_NEXT_CHUNK] = 0
+    address = args.buffer_info()[0]
+    parallel = openmp_parallel() if threads > 1 else None
+    if parallel is not None:
+        parallel(_worker.address, address, threads)
+    else:
+        _run_on_this_thread(address)
 
 
 def quantize_flat(
-    x: np.ndarray,
+    x: torch.Tensor,
     block_len: int,
     bits: int,
     mode: int,
     key: tuple[int, int],
     codes_only: bool,
-    out: np.ndarray,
-    exps: np.ndarray,
+    out: torch.Tensor,
+    exps: torch.Tensor,
 ) -> bool:
-    """Block-quantize contiguous float32 ``x`` into ``out`` (not overlapping it) and ``exps``.
+    """Block-quantize contiguous 1-d float32 CPU ``x`` into ``out`` and int16 ``exps``.
 
-    Returns False, having written nothing, if ``x`` holds NaN or inf.
+    ``out``: float32 values or int8/int16 codes, either ``x`` itself or not overlapping it.
+    Runs on torch's threads when torch has several and ``x`` is large. Returns False, having
+    written nothing, if ``x`` holds NaN or inf.
     """
-    keys = np.zeros(exps.size, dtype=np.int32)
-    _keys_kernel(x.view(np.int32), block_len, keys)
-    if keys.size and keys.max() >= _FLOAT_EXPONENT_ALL_ONES:
+    n, num_blocks = x.numel(), exps.numel()
+    if n == 0:
+        return True
+    threads = torch.get_num_threads()
+    chunk_len, num_chunks, key_rows = _chunking(n, block_len, threads)
+    keys = torch.zeros(key_rows * num_blocks, dtype=torch.int32)
+    args = array("q", bytes(8 * _NUM_ARGS))
+    args[_X], args[_OUT], args[_EXPS] = x.data_ptr(), out.data_ptr(), exps.data_ptr()
+    args[_KEYS], args[_N], args[_NUM_BLOCKS] = keys.data_ptr(), n, num_blocks
+    args[_BLOCK_LEN], args[_CHUNK_LEN], args[_NUM_CHUNKS] = block_len, chunk_len, num_chunks
+    args[_KEY_ROWS], args[_BITS], args[_MODE] = key_rows, bits, mode
+    args[_K1], args[_K2], args[_CODES_ONLY] = key[0], key[1], int(codes_only)
+    args[_OUT_KIND] = _IN_PLACE if out.data_ptr() == x.data_ptr() else _OUT_KINDS[out.dtype]
+    threads = min(threads, num_chunks)
+    _run(args, _PHASE_KEYS, threads)
+    if key_rows > 1:
+        keys = keys.view(key_rows, num_blocks).amax(dim=0)
+        args[_KEYS] = keys.data_ptr()
+    if int(keys.max()) >= _FLOAT_EXPONENT_ALL_ONES:
         return False
-    _round_kernel(
-        x,
-        block_len,
-        bits,
-        mode,
-        np.uint32(key[0]),
-        np.uint32(key[1]),
-        codes_only,
-        keys,
-        _POW2,
-        out,
-        exps,
-    )
+    _run(args, _PHASE_ROUND, threads)
     return True

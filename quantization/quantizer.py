@@ -162,8 +162,10 @@ def _quantize(
     fmt: BlockFloat,
     generator: torch.Generator | None,
     codes: bool,
+    in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes or float32 values shaped like ``x``, exponents) for ``x`` in format ``fmt``."""
+    """(codes or float32 values shaped like ``x``, exponents) for ``x`` in format ``fmt``;
+    ``in_place``: write the values into ``x`` where the CPU kernel can (float32, contiguous)."""
     shape = tuple(x.shape)
     flat = _flat_float32(x)
     block_len, num_blocks = fmt.block_length(shape), fmt.num_blocks(shape)
@@ -174,17 +176,11 @@ def _quantize(
         key = draw_key(generator)
     out_dtype = code_dtype(fmt.bits) if codes else torch.float32
     if _cpu_kernels_enabled and flat.device.type == "cpu":
-        result = torch.empty(flat.numel(), dtype=out_dtype)
+        in_place = in_place and not codes and flat.data_ptr() == x.data_ptr()
+        result = flat if in_place else torch.empty(flat.numel(), dtype=out_dtype)
         exps = torch.empty(num_blocks, dtype=torch.int16)
         finite = _cpu_kernels.quantize_flat(
-            flat.numpy(),
-            block_len,
-            fmt.bits,
-            mode,
-            split_key(key),
-            codes,
-            result.numpy(),
-            exps.numpy(),
+            flat, block_len, fmt.bits, mode, split_key(key), codes, result, exps
         )
     else:
         result, exps, finite = _device_quantize(
@@ -224,8 +220,8 @@ def quantize_(
     """In-place ``quantize`` (weights, gradients, optimizer state); returns ``x``."""
     if not fmt.enabled or x.numel() == 0:
         return x
-    values, _ = _quantize(x, fmt, generator, codes=False)  # out of place: aliasing is slow
-    return x.copy_(values)
+    values, _ = _quantize(x, fmt, generator, codes=False, in_place=True)
+    return x if values.data_ptr() == x.data_ptr() else x.copy_(values)
 
 
 def quantize_codes(

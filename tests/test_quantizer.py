@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
 
-from quantization import BlockFloat, quantize, quantize_codes, torch_backend
+from quantization import (
+    BlockFloat,
+    _cpu_kernels,
+    quantize,
+    quantize_,
+    quantize_codes,
+    torch_backend,
+)
 from quantization.dither import dither_bits, draw_key
 from quantization.quantizer import dequantize_codes
 from tests.reference_bfp import reference_quantize
@@ -134,20 +143,47 @@ def test_same_seed_same_result_different_seed_different():
     assert torch.equal(d, quantize(x, fmt))  # the default generator is seedable too
 
 
-def test_thread_count_does_not_change_results():
-    x = torch.randn(500_000, generator=torch.Generator().manual_seed(0))
-    fmt = BlockFloat(6, layout="block")
-    import numba
+@pytest.fixture
+def torch_threads():
+    """Set torch's thread count for one test; restored afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
 
-    before = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        one = quantize(x, fmt, torch.Generator().manual_seed(1))
-        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-        many = quantize(x, fmt, torch.Generator().manual_seed(1))
-    finally:
-        numba.set_num_threads(before)
-    assert torch.equal(one, many)
+
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        BlockFloat(8),  # one block: the chunks split it and merge partial maxima
+        BlockFloat(6, layout="block"),  # 32-element blocks: whole blocks per chunk
+        BlockFloat(4, layout="channel", rounding="nearest"),  # blocks longer than a chunk
+        BlockFloat(12, layout="block", block_size=1000),  # int16 codes, odd block length
+    ],
+)
+def test_thread_count_does_not_change_results(fmt, torch_threads, monkeypatch):
+    x = torch.randn(7, 100_003, generator=torch.Generator().manual_seed(0))
+    runs = []
+    torch_threads(1)
+    one = quantize_codes(x, fmt, torch.Generator().manual_seed(1))
+    torch_threads(2)
+    parallel = _cpu_kernels.openmp_parallel()
+    if sys.platform == "linux":  # torch's OpenMP runtime is found there; the test must use it
+        assert parallel is not None
+    if parallel is not None:
+        monkeypatch.setattr(
+            _cpu_kernels, "openmp_parallel", lambda: lambda *a: runs.append(a) or parallel(*a)
+        )
+    two = quantize_codes(x, fmt, torch.Generator().manual_seed(1))
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    assert parallel is None or [threads for *_, threads in runs] == [2, 2]  # both passes
+
+
+def test_parallel_pass_still_finds_nan(torch_threads):
+    torch_threads(2)
+    x = torch.randn(1_000_000, generator=torch.Generator().manual_seed(0))
+    x[-3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        quantize(x, BlockFloat(8))
 
 
 def test_nearest_error_is_at_most_half_a_step():
@@ -169,3 +205,26 @@ def test_full_precision_is_identity():
     assert quantize(x, BlockFloat(32)) is x
     with pytest.raises(ValueError, match="32-bit"):
         quantize_codes(x, BlockFloat(32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("size", [100, 300_000])  # the serial and the parallel kernel path
+def test_in_place_quantize_matches_out_of_place(backend, size, torch_threads):
+    torch_threads(2)
+    fmt = BlockFloat(6, layout="block")
+    x = torch.randn(3, size, generator=torch.Generator().manual_seed(0))
+    want = _run(backend, quantize, x, fmt, torch.Generator().manual_seed(4))
+    inplace = x.clone()
+    assert _run(backend, quantize_, inplace, fmt, torch.Generator().manual_seed(4)) is inplace
+    assert torch.equal(_bits_of(inplace), _bits_of(want))
+    strided = x.clone().t()  # not contiguous: quantized through a copy, written back
+    want_strided = _run(
+        backend, quantize, strided.contiguous(), fmt, torch.Generator().manual_seed(5)
+    )
+    _run(backend, quantize_, strided, fmt, torch.Generator().manual_seed(5))
+    assert torch.equal(_bits_of(strided), _bits_of(want_strided))
+    bad = x.clone()
+    bad[1, 7] = float("inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        _run(backend, quantize_, bad, fmt)
+    assert torch.equal(bad[0], x[0])  # a refused tensor is left as it was

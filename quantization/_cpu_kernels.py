@@ -106,11 +106,13 @@ def _round_segment(xs, outs, first, scale_a, scale_b, step, lo, hi, mode, k1, k2
     ``v = (x * scale_a) * scale_b`` is x in units of the step (two factors keep each a float32).
     """
     if mode == ROUND_STOCHASTIC:
+        counter = _U32(first)  # a 32-bit induction variable: 16 lanes, not 8 of int64
         for j in range(xs.size):
             v = (xs[j] * scale_a) * scale_b
             f = np.floor(v)
             threshold = _U32((v - f) * _TWO_POW_32)
-            h = _mix32(_mix32(_U32(first + j) ^ k1) ^ k2)
+            h = _mix32(_mix32(counter ^ k1) ^ k2)
+            counter += _U32(1)
             r = f + _F32(h < threshold)
             outs[j] = (min(max(r, lo), hi) + _F32(0.0)) * step
     elif mode == ROUND_UP:

@@ -16,12 +16,12 @@ import argparse
 import json
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 from benchmarks.report import RESULTS_DIR, Figure, print_figures, write_results
 from scripts.flwr_local import run_simulation
+from scripts.poller import Poller
 from scripts.processes import pids_with_env, proportional_memory
 
 RESULTS_PATH = RESULTS_DIR / "simulation_scale.json"
@@ -30,27 +30,18 @@ SAMPLE_EVERY_S = 0.25
 MB = 1e6
 
 
-class PeakMemory:
+class PeakMemory(Poller):
     """Samples the summed PSS of every process whose environment names ``flwr_home``."""
 
     def __init__(self, flwr_home: Path) -> None:
+        super().__init__(SAMPLE_EVERY_S)
         self.flwr_home = str(flwr_home.resolve())
         self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
 
-    def _sample(self) -> None:
-        while not self._stop.wait(SAMPLE_EVERY_S):
-            pids = pids_with_env("FLWR_HOME", self.flwr_home)
-            self.peak = max(self.peak, proportional_memory(pids))
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    def poll(self) -> None:
+        """Add one sample to the peak."""
+        pids = pids_with_env("FLWR_HOME", self.flwr_home)
+        self.peak = max(self.peak, proportional_memory(pids))
 
 
 def measure(num_clients: int, rounds: int, max_steps: int, workdir: Path) -> dict[str, float]:

@@ -18,7 +18,6 @@ import itertools
 import json
 import re
 import shutil
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from scripts.flwr_local import DEFAULT_FEDERATION_CONFIG, PROJECT_DIR, run_simulation
+from scripts.poller import Poller
 
 from .summary import summarise
 
@@ -97,36 +97,31 @@ def run_sweep(
     return sweep_dir
 
 
-class RoundProgress:
+class RoundProgress(Poller):
     """A progress bar over a running simulation's rounds, read from its log's round lines."""
 
     PATTERN = re.compile(r"round +(\d+)/(\d+) +accuracy +([\d.]+)%")
 
     def __init__(self, log_path: Path, label: str, poll_s: float = 1.0) -> None:
-        self.log_path, self.label, self.poll_s = log_path, label, poll_s
+        super().__init__(poll_s)
+        self.log_path, self.label = log_path, label
         self.last: tuple[str, str, str] | None = None  # (round, rounds, accuracy) last shown
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._follow, daemon=True)
+        self._bar = tqdm(desc=label, unit="round", mininterval=2.0, leave=False)
 
-    def _follow(self) -> None:
-        with tqdm(desc=self.label, unit="round", mininterval=2.0, leave=False) as bar:
-            while not self._stop.wait(self.poll_s):
-                text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-                rounds = self.PATTERN.findall(text)
-                if rounds and rounds[-1] != self.last:
-                    self.last = done, total, accuracy = rounds[-1]
-                    bar.total = int(total)
-                    bar.n = int(done)
-                    bar.set_postfix_str(f"accuracy {accuracy}%", refresh=False)
-                    bar.refresh()
-
-    def __enter__(self) -> RoundProgress:
-        self._thread.start()
-        return self
+    def poll(self) -> None:
+        """Move the bar to the last round line in the log."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        rounds = self.PATTERN.findall(text)
+        if rounds and rounds[-1] != self.last:
+            self.last = done, total, accuracy = rounds[-1]
+            self._bar.total = int(total)
+            self._bar.n = int(done)
+            self._bar.set_postfix_str(f"accuracy {accuracy}%", refresh=False)
+            self._bar.refresh()
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        super().__exit__(*exc)
+        self._bar.close()
 
 
 def _rows(out: Path) -> list[dict]:

@@ -115,7 +115,7 @@ def _train_config(cfg: DictConfig) -> ConfigRecord:
 def main(grid: Grid, context: Context) -> None:
     """Run the configured low-precision federated training and save everything it produced."""
     cfg = load_config(context.run_config)
-    random.seed(int(cfg.seed))  # Flower samples clients with Python's random module
+    random.seed(int(cfg.seed))  # for other users of random; sampling is seeded per round
     out = output_directory(cfg)
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     writer = ResultsWriter(out, config_dict)

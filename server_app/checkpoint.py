@@ -1,8 +1,9 @@
-"""Per-round server checkpoints: model, moving average, strategy state, round and sampling RNG.
+"""Per-round server checkpoints: model, moving average, strategy state, round and Python RNG.
 
 One ``checkpoint.safetensors`` holds the tensors (``model/``, ``average/`` and the inner
 strategy's state under ``strategy/``) and, as string metadata, the round counter, the moving
-average's update count, Python's ``random`` state (Flower samples clients with it) and the
+average's update count, Python's ``random`` state (client sampling is seeded per round, see
+``strategies/node_order.py``; any other user of ``random`` resumes where it was) and the
 inner strategy's class, tensor order and None attributes. No pickle. It is written to a
 temporary file and renamed, so a crash never leaves a torn checkpoint.
 """

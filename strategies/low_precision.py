@@ -28,7 +28,7 @@ from quantization.wire import (
 )
 
 from .moving_average import ServerMovingAverage
-from .node_order import PartitionOrder
+from .node_order import PartitionOrder, seeded_sampling
 
 Weighting = Literal["num-examples", "uniform"]
 METRICS_KEY = "metrics"
@@ -130,7 +130,8 @@ class LowPrecisionStrategy(Strategy):
         server_round += self.round_offset
         grid = self.partition_order.ordered(grid)
         config = ConfigRecord({**config, LINEAGE_KEY: self.lineage})
-        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        with seeded_sampling(self._round_seed(server_round, "train")):
+            messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         return self._quantize_broadcast(server_round, "train", arrays, messages)
 
     def configure_evaluate(
@@ -139,17 +140,20 @@ class LowPrecisionStrategy(Strategy):
         """Same as ``configure_train`` for federated evaluation."""
         server_round += self.round_offset
         grid = self.partition_order.ordered(grid)
-        messages = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
+        with seeded_sampling(self._round_seed(server_round, "evaluate")):
+            messages = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
         return self._quantize_broadcast(server_round, "evaluate", arrays, messages)
+
+    def _round_seed(self, server_round: int, phase: str) -> int:
+        """The seed of one round's phase: its client sample and its broadcast rounding."""
+        return (self.seed * 1_000_003 + server_round) * 2 + _PHASE_SEED[phase]
 
     def _quantize_broadcast(
         self, server_round: int, phase: str, arrays: ArrayRecord, messages: list[Message]
     ) -> list[Message]:
         if not messages:
             return messages
-        generator = torch.Generator().manual_seed(
-            (self.seed * 1_000_003 + server_round) * 2 + _PHASE_SEED[phase]
-        )
+        generator = torch.Generator().manual_seed(self._round_seed(server_round, phase))
         tensors = {name: torch.from_numpy(arrays[name].numpy()) for name in arrays}
         encoded, formats = encode_tensors(
             tensors, self.downlink, generator, keep_float=self.float_buffers

@@ -4,16 +4,23 @@ Flower samples clients with ``random.sample(list(grid.get_node_ids()), k)``; nod
 per simulation (and per deployment), so a seeded ``random`` still picks different partitions
 from run to run. Each node is asked once for its ``partition-id`` (a ``query`` message); the
 sampler then sees the nodes sorted by partition, and the same seed picks the same clients.
+
+The global ``random`` is not enough either: Flower's heartbeat and retry code draw from it at
+moments that depend on timing (a cold start draws more), so ``seeded_sampling`` runs the
+sampler on a private generator seeded per round.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import random
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from logging import WARNING
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import strategy_utils
 
 PARTITION_KEY = "partition-id"
 
@@ -71,3 +78,18 @@ class _OrderedGrid:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._grid, name)
+
+
+@contextmanager
+def seeded_sampling(seed: int) -> Iterator[None]:
+    """Make Flower's strategies sample nodes with ``random.Random(seed)`` inside the block."""
+    if not hasattr(strategy_utils, "random"):  # a Flower that samples elsewhere: best effort
+        random.seed(seed)
+        yield
+        return
+    shared = strategy_utils.random
+    strategy_utils.random = random.Random(seed)
+    try:
+        yield
+    finally:
+        strategy_utils.random = shared

@@ -25,12 +25,28 @@ RUN_CONFIG = {
 }
 
 
-def _final_model(node_ids: list[int]) -> tuple[dict[str, np.ndarray], PartitionOrder]:
+class BusyGrid(InProcessGrid):
+    """Draws from the global ``random`` on every node listing, as Flower's heartbeat and retry
+    threads do at timing-dependent moments in a real ServerApp."""
+
+    def __init__(self, *args, draws: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.draws = draws
+
+    def get_node_ids(self):
+        for _ in range(self.draws):
+            random.random()
+        return super().get_node_ids()
+
+
+def _final_model(
+    node_ids: list[int], draws: int = 0
+) -> tuple[dict[str, np.ndarray], PartitionOrder]:
     cfg = load_config(RUN_CONFIG)
     model = build_configured_model(cfg)
     template = {k: v.clone() for k, v in model.state_dict().items()}
     strategy = build_strategy(cfg, specs_of(template), float_buffer_names(model))
-    grid = InProcessGrid(client_app, 4, RUN_CONFIG, node_ids=node_ids)
+    grid = BusyGrid(client_app, 4, RUN_CONFIG, node_ids=node_ids, draws=draws)
     random.seed(0)
     torch.set_num_threads(1)
     result = strategy.start(
@@ -50,6 +66,13 @@ def test_same_seed_samples_the_same_partitions_whatever_the_node_ids():
     assert first.keys() == second.keys()
     for name in first:
         assert np.array_equal(first[name], second[name]), name
+
+
+def test_other_draws_from_the_global_random_do_not_change_the_sample():
+    quiet, _ = _final_model([101, 102, 103, 104])
+    busy, _ = _final_model([101, 102, 103, 104], draws=7)
+    for name in quiet:
+        assert np.array_equal(quiet[name], busy[name]), name
 
 
 def test_nodes_are_asked_once_and_unknown_nodes_sort_last():

@@ -31,6 +31,7 @@ from ._openmp import openmp_parallel
 _U32 = np.uint32
 _F32 = np.float32
 _TWO_POW_32 = _F32(4294967296.0)
+_LARGEST_BELOW_TWO_POW_32 = _F32(4294967040.0)  # keeps the uint32 conversion in range
 _FLOAT_EXPONENT_ALL_ONES = 0x7F800000
 ROUND_NEAREST, ROUND_STOCHASTIC, ROUND_UP = 0, 1, 2
 
@@ -110,10 +111,11 @@ def _round_segment(xs, outs, first, scale_a, scale_b, step, lo, hi, mode, k1, k2
         for j in range(xs.size):
             v = (xs[j] * scale_a) * scale_b
             f = np.floor(v)
-            threshold = _U32((v - f) * _TWO_POW_32)
+            frac = v - f  # 1.0 exactly when v is a tiny negative: then round up, as torch does
+            threshold = _U32(min(frac * _TWO_POW_32, _LARGEST_BELOW_TWO_POW_32))
             h = _mix32(_mix32(counter ^ k1) ^ k2)
             counter += _U32(1)
-            r = f + _F32(h < threshold)
+            r = f + _F32((h < threshold) | (frac >= _F32(1.0)))
             outs[j] = (min(max(r, lo), hi) + _F32(0.0)) * step
     elif mode == ROUND_UP:
         for j in range(xs.size):

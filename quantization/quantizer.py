@@ -176,7 +176,9 @@ def _quantize(
         key = draw_key(generator)
     out_dtype = code_dtype(fmt.bits) if codes else torch.float32
     if _cpu_kernels_enabled and flat.device.type == "cpu":
-        in_place = in_place and not codes and flat.data_ptr() == x.data_ptr()
+        in_place = (
+            in_place and not codes and not x.is_inference() and flat.data_ptr() == x.data_ptr()
+        )
         result = flat if in_place else torch.empty(flat.numel(), dtype=out_dtype)
         exps = torch.empty(num_blocks, dtype=torch.int16)
         finite = _cpu_kernels.quantize_flat(
@@ -221,7 +223,10 @@ def quantize_(
     if not fmt.enabled or x.numel() == 0:
         return x
     values, _ = _quantize(x, fmt, generator, codes=False, in_place=True)
-    return x if values.data_ptr() == x.data_ptr() else x.copy_(values)
+    if values.data_ptr() != x.data_ptr():
+        return x.copy_(values)
+    torch.autograd.graph.increment_version(x)  # the kernel wrote x's memory behind autograd
+    return x
 
 
 def quantize_codes(

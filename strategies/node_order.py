@@ -13,6 +13,7 @@ sampler on a private generator seeded per round.
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from logging import WARNING
@@ -80,16 +81,24 @@ class _OrderedGrid:
         return getattr(self._grid, name)
 
 
+_SAMPLING_LOCK = threading.Lock()  # one patched sampler at a time, restored in order
+
+
 @contextmanager
 def seeded_sampling(seed: int) -> Iterator[None]:
     """Make Flower's strategies sample nodes with ``random.Random(seed)`` inside the block."""
-    if not hasattr(strategy_utils, "random"):  # a Flower that samples elsewhere: best effort
-        random.seed(seed)
-        yield
-        return
-    shared = strategy_utils.random
-    strategy_utils.random = random.Random(seed)
-    try:
-        yield
-    finally:
-        strategy_utils.random = shared
+    with _SAMPLING_LOCK:
+        if not hasattr(strategy_utils, "random"):  # a Flower that samples elsewhere: best effort
+            state = random.getstate()
+            random.seed(seed)
+            try:
+                yield
+            finally:
+                random.setstate(state)
+            return
+        shared = strategy_utils.random
+        strategy_utils.random = random.Random(seed)
+        try:
+            yield
+        finally:
+            strategy_utils.random = shared

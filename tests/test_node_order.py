@@ -75,6 +75,20 @@ def test_other_draws_from_the_global_random_do_not_change_the_sample():
         assert np.array_equal(quiet[name], busy[name]), name
 
 
+def test_evaluation_samples_the_same_nodes_whatever_else_drew_from_random():
+    cfg = load_config({"overrides": RUN_CONFIG["overrides"] + " federation.fraction_evaluate=0.5"})
+    model = build_configured_model(cfg)
+    template = {k: Array(v.numpy()) for k, v in model.state_dict().items()}
+    samples = []
+    for draws in (0, 5):
+        strategy = build_strategy(cfg, specs_of(model.state_dict()), float_buffer_names(model))
+        grid = BusyGrid(client_app, 4, RUN_CONFIG, node_ids=[11, 22, 33, 44], draws=draws)
+        random.seed(0)
+        messages = strategy.configure_evaluate(1, ArrayRecord(template), ConfigRecord(), grid)
+        samples.append(sorted(m.metadata.dst_node_id for m in messages))
+    assert len(samples[0]) == 2 and samples[0] == samples[1]
+
+
 def test_nodes_are_asked_once_and_unknown_nodes_sort_last():
     order = PartitionOrder()
     grid = InProcessGrid(client_app, 2, RUN_CONFIG, node_ids=[50, 40])

@@ -104,7 +104,7 @@ class RoundProgress(Poller):
 
     def __init__(self, log_path: Path, label: str, poll_s: float = 1.0) -> None:
         super().__init__(poll_s)
-        self.log_path, self.label = log_path, label
+        self.log_path = log_path
         self.last: tuple[str, str, str] | None = None  # (round, rounds, accuracy) last shown
         self._bar = tqdm(desc=label, unit="round", mininterval=2.0, leave=False)
 

@@ -170,8 +170,8 @@ def _round_range(x, block_len, start, stop, nbits, mode, k1, k2, codes_only, key
 (_KEY_ROWS, _BITS, _MODE, _K1, _K2, _CODES_ONLY, _OUT_KIND, _PHASE, _NEXT_CHUNK) = range(9, 18)
 _NUM_ARGS = 18
 _PHASE_KEYS, _PHASE_ROUND = 0, 1
-_OUT_KINDS = {torch.float32: 0, torch.int8: 1, torch.int16: 2}
-_IN_PLACE = 3
+_OUT_FLOAT32, _OUT_INT8, _OUT_INT16, _IN_PLACE = range(4)
+_OUT_KINDS = {torch.float32: _OUT_FLOAT32, torch.int8: _OUT_INT8, torch.int16: _OUT_INT16}
 MIN_CHUNK = 1 << 15  # elements; smaller chunks cost more to hand out than they save
 CHUNKS_PER_THREAD = 4  # a thread the machine preempts delays only its current chunk
 
@@ -252,9 +252,9 @@ def _worker(data):
             kind = args[_OUT_KIND]
             if kind == _IN_PLACE:
                 _round_chunk(args, start, stop, x, None)
-            elif kind == 0:
+            elif kind == _OUT_FLOAT32:
                 _round_chunk(args, start, stop, x, _array(args, _OUT, n, np.float32))
-            elif kind == 1:
+            elif kind == _OUT_INT8:
                 _round_chunk(args, start, stop, x, _array(args, _OUT, n, np.int8))
             else:
                 _round_chunk(args, start, stop, x, _array(args, _OUT, n, np.int16))

@@ -88,15 +88,7 @@ _SAMPLING_LOCK = threading.Lock()  # one patched sampler at a time, restored in 
 def seeded_sampling(seed: int) -> Iterator[None]:
     """Make Flower's strategies sample nodes with ``random.Random(seed)`` inside the block."""
     with _SAMPLING_LOCK:
-        if not hasattr(strategy_utils, "random"):  # a Flower that samples elsewhere: best effort
-            state = random.getstate()
-            random.seed(seed)
-            try:
-                yield
-            finally:
-                random.setstate(state)
-            return
-        shared = strategy_utils.random
+        shared = strategy_utils.random  # the module Flower's sample_nodes draws from
         strategy_utils.random = random.Random(seed)
         try:
             yield

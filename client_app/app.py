@@ -9,7 +9,16 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
-from quantization.wire import FORMAT_SUFFIX, decode_tensors, encode_tensors, specs_of
+from quantization.wire import (
+    FORMAT_SUFFIX,
+    MESSAGE_SLACK_BYTES,
+    WireFormatError,
+    decode_tensors,
+    encode_tensors,
+    payload_limit,
+    serialized_size,
+    specs_of,
+)
 from strategies.low_precision import LINEAGE_KEY
 from task.allocator import retain_freed_memory
 from task.config import load_config, resolve_device
@@ -42,16 +51,34 @@ def _partition(cfg: DictConfig, context: Context) -> tuple[int, int]:
 
 
 def _receive_model(msg: Message, cfg: DictConfig, model: torch.nn.Module) -> None:
-    """Decode and validate the broadcast model, then load it."""
+    """Decode and validate the broadcast model, then load it.
+
+    The broadcast must be in the downlink format the config names (width and blocks) and no
+    larger than the model in float32 plus a small margin, so a server cannot make the client
+    allocate more than its own model takes.
+    """
     content = msg.content
-    state = decode_tensors(
-        content.array_records[ARRAYS_KEY],
-        content.config_records[ARRAYS_KEY + FORMAT_SUFFIX],
-        expected=specs_of(model.state_dict()),
-        bits=downlink_format(cfg.quantization).bits,
+    expected = specs_of(model.state_dict())
+    limit = payload_limit(expected) + MESSAGE_SLACK_BYTES
+    size = serialized_size(content)
+    if size > limit:
+        raise WireFormatError(f"the broadcast is {size} bytes, more than the limit of {limit}")
+    arrays = content.array_records.get(ARRAYS_KEY)
+    formats = content.config_records.get(ARRAYS_KEY + FORMAT_SUFFIX)
+    if arrays is None or formats is None:
+        raise WireFormatError(
+            f"the broadcast lacks the ArrayRecord {ARRAYS_KEY!r} or its ConfigRecord "
+            f"{ARRAYS_KEY + FORMAT_SUFFIX!r}: is the server this project's ServerApp?"
+        )
+    decoded = decode_tensors(
+        arrays,
+        formats,
+        expected=expected,
+        max_bytes=payload_limit(expected),
+        fmt=downlink_format(cfg.quantization),
         allow_float=float_buffer_names(model),
     )
-    model.load_state_dict(state)
+    model.load_state_dict(decoded)
 
 
 def _generator(cfg: DictConfig, partition_id: int, server_round: int) -> torch.Generator:
@@ -86,7 +113,10 @@ def train(msg: Message, context: Context) -> Message:
     state_dir = state_directory(cfg, context.node_config, partition_id, lineage)
     if t.keep_optimizer_state:
         saved = read_round_state(state_dir, server_round) if state_dir else None
-        load_optimizer_state(context.state if saved is None else saved, optimizer)
+        if saved is None:
+            load_optimizer_state(context.state, optimizer)
+        else:
+            load_optimizer_state(saved, optimizer, source=f"the state file in {state_dir}")
     result = train_local(
         model,
         optimizer,

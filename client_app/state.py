@@ -9,19 +9,25 @@ JSON metadata; no pickle) and reads the newest file of an earlier round before t
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Mapping
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.common import log
 from omegaconf import DictConfig
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from quantization import FP32, LowPrecisionOptimizer
-from quantization.wire import FORMAT_SUFFIX, encode_tensors, read_tensors
+from quantization.wire import (
+    EXPONENT_SUFFIX,
+    FORMAT_SUFFIX,
+    WireFormatError,
+    encode_tensors,
+    read_tensors,
+)
+from task.verified_file import CorruptFileError, load_verified, save_verified
 
 STATE_KEY = "optimizer-state"
 #: ``--node-config`` key that sets this SuperNode's state directory (wins over the run config).
@@ -29,6 +35,13 @@ STATE_DIR_NODE_KEY = "state-dir"
 #: The state directory under ``output_dir`` when neither the node nor ``train.state_dir`` sets one.
 DEFAULT_STATE_SUBDIR = "client-state"
 _ROUND_FILE = re.compile(r"round-(\d+)\.safetensors")
+#: The only lineage the server generates (``uuid.uuid4().hex``); anything else is refused,
+#: since it becomes a path component below the state root.
+LINEAGE_PATTERN = re.compile(r"[0-9a-f]{32}")
+
+
+class StateDirectoryError(ValueError):
+    """The server sent a lineage that is not a safe folder name."""
 
 
 def save_optimizer_state(state: RecordDict, optimizer: LowPrecisionOptimizer) -> int:
@@ -39,14 +52,23 @@ def save_optimizer_state(state: RecordDict, optimizer: LowPrecisionOptimizer) ->
     return arrays.count_bytes()
 
 
-def load_optimizer_state(state: RecordDict, optimizer: LowPrecisionOptimizer) -> bool:
-    """Restore state saved by ``save_optimizer_state``; False if there is none."""
+def load_optimizer_state(
+    state: RecordDict, optimizer: LowPrecisionOptimizer, source: str = "context.state"
+) -> bool:
+    """Restore state saved by ``save_optimizer_state``; False if there is none or it is unusable.
+
+    State that does not fit the optimizer (another model, a damaged file) is logged, naming
+    ``source``, and the optimizer starts afresh: one bad file must not knock a client out.
+    """
     if STATE_KEY not in state.array_records:
         return False
-    tensors = read_tensors(
-        state.array_records[STATE_KEY], state.config_records[STATE_KEY + FORMAT_SUFFIX]
-    )
-    optimizer.import_state(tensors)
+    try:
+        formats = state.config_records[STATE_KEY + FORMAT_SUFFIX]
+        tensors = read_tensors(state.array_records[STATE_KEY], formats)
+        optimizer.import_state(tensors)
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
+        log(WARNING, "Ignoring the optimizer state in %s, starting it afresh: %s", source, err)
+        return False
     return True
 
 
@@ -65,7 +87,12 @@ def state_directory(
         root = str(Path(cfg.output_dir) / DEFAULT_STATE_SUBDIR)
     if not root:
         return None
-    return Path(root, lineage, f"partition-{partition_id}")
+    if lineage and not LINEAGE_PATTERN.fullmatch(lineage):
+        raise StateDirectoryError(
+            f"the server sent the run lineage {lineage[:80]!r}, which is not 32 lowercase hex "
+            "digits as this project's ServerApp generates: refusing to use it as a folder name"
+        )
+    return Path(root, lineage, f"partition-{int(partition_id)}")
 
 
 def _round_files(directory: Path) -> dict[int, Path]:
@@ -87,10 +114,8 @@ def write_round_state(directory: Path, server_round: int, state: RecordDict) -> 
     formats = state.config_records[STATE_KEY + FORMAT_SUFFIX]
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"round-{server_round}.safetensors"
-    tmp = path.with_name(path.name + ".tmp")
     metadata = {"order": json.dumps(list(arrays)), "formats": json.dumps(dict(formats.items()))}
-    save_file({key: array.numpy() for key, array in arrays.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    save_verified(path, {key: array.numpy() for key, array in arrays.items()}, metadata)
     files = _round_files(directory)
     keep = {server_round, max((r for r in files if r < server_round), default=server_round)}
     for old in [p for r, p in files.items() if r not in keep] + list(directory.glob("*.tmp")):
@@ -99,17 +124,42 @@ def write_round_state(directory: Path, server_round: int, state: RecordDict) -> 
 
 
 def read_round_state(directory: Path, server_round: int) -> RecordDict | None:
-    """The state written after the newest round before ``server_round``; None if there is none."""
+    """The state written after the newest round before ``server_round``.
+
+    None if there is none, or if that file is damaged (logged with its path): the client then
+    starts its optimizer state afresh, and its next round writes a good file again.
+    """
     earlier = [r for r in _round_files(directory) if r < server_round]
     if not earlier:
         return None
     path = directory / f"round-{max(earlier)}.safetensors"
-    with safe_open(str(path), framework="numpy") as f:
-        metadata = f.metadata()
-        arrays = {key: Array(f.get_tensor(key)) for key in json.loads(metadata["order"])}
-    return RecordDict(
-        {
-            STATE_KEY: ArrayRecord(arrays),
-            STATE_KEY + FORMAT_SUFFIX: ConfigRecord(json.loads(metadata["formats"])),
-        }
-    )
+    try:
+        return _read_state_file(path)
+    except CorruptFileError as err:
+        log(WARNING, "Ignoring a damaged optimizer-state file, starting afresh: %s", err)
+        return None
+
+
+def _read_state_file(path: Path) -> RecordDict:
+    tensors, metadata = load_verified(path)
+    try:
+        order = json.loads(metadata["order"])
+        formats = json.loads(metadata["formats"])
+        if not isinstance(order, list) or sorted(order) != sorted(tensors):
+            raise ValueError("its tensor order does not list its tensors")
+        if not isinstance(formats, dict) or set(formats) != {
+            k for k in order if not k.endswith(EXPONENT_SUFFIX)
+        }:
+            raise ValueError("its formats do not describe its tensors")
+        record = RecordDict(
+            {
+                STATE_KEY: ArrayRecord({key: Array(tensors[key]) for key in order}),
+                STATE_KEY + FORMAT_SUFFIX: ConfigRecord(formats),
+            }
+        )
+        read_tensors(
+            record.array_records[STATE_KEY], record.config_records[STATE_KEY + FORMAT_SUFFIX]
+        )
+    except (KeyError, ValueError, TypeError, WireFormatError) as err:
+        raise CorruptFileError(path, f"holds no valid optimizer state ({err})") from None
+    return record

@@ -112,6 +112,7 @@ class LowPrecisionOptimizer:
     def import_state(self, exported: dict[str, QuantizedTensor | torch.Tensor]) -> None:
         """Restore state written by ``export_state`` (same parameters, same order)."""
         params = list(self._params())
+        restored: list[tuple[torch.nn.Parameter, str, torch.Tensor]] = []
         for key, value in exported.items():
             index_text, _, name = key.partition(".")
             if not index_text.isdigit() or not name:
@@ -135,6 +136,11 @@ class LowPrecisionOptimizer:
                     f"optimizer state {key!r} has shape {tuple(tensor.shape)}, "
                     f"parameter has {tuple(p.shape)}"
                 )
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"optimizer state {key!r} holds NaN or inf")
+            restored.append((p, name, tensor))
+        # Checked everything first: a bad entry leaves the optimizer's state untouched.
+        for p, name, tensor in restored:
             self.optimizer.state[p][name] = tensor.to(self._state_device(p, name)).clone()
 
     def _state_device(self, p: torch.nn.Parameter, name: str) -> torch.device:

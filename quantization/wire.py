@@ -11,6 +11,7 @@ are read with ``allow_pickle=False`` and formats are JSON.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Container, Mapping
 from dataclasses import dataclass
 
@@ -24,6 +25,8 @@ from .format import FULL_PRECISION_BITS, BlockFloat
 
 EXPONENT_SUFFIX = "::exponents"
 FORMAT_SUFFIX = "-format"
+#: Longest accepted format description; real ones are under 100 characters.
+MAX_FORMAT_CHARS = 512
 
 
 class WireFormatError(ValueError):
@@ -46,6 +49,25 @@ class TensorSpec:
 def specs_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, TensorSpec]:
     """Specs of a state dict, for validating what peers send."""
     return {name: TensorSpec.of(t) for name, t in tensors.items()}
+
+
+#: Framing bound per tensor: two arrays' headers (~460 B each), names and the format JSON.
+FRAMING_BYTES_PER_TENSOR = 2048
+#: Bytes a message may carry beyond its tensors (metrics, config, record framing).
+MESSAGE_SLACK_BYTES = 1 << 16
+
+
+def payload_limit(specs: Mapping[str, TensorSpec]) -> int:
+    """Most bytes honest tensors of these specs take in any format, framing included.
+
+    Every format is at most 4 bytes a value (float32), integer tensors travel raw; so a
+    message above this limit (plus ``MESSAGE_SLACK_BYTES``) carries something else.
+    """
+    total = 0
+    for spec in specs.values():
+        itemsize = torch.empty(0, dtype=spec.dtype).element_size()
+        total += max(4, itemsize) * math.prod(spec.shape) + FRAMING_BYTES_PER_TENSOR
+    return total
 
 
 def encode_tensors(
@@ -92,15 +114,23 @@ def decode_tensors(
     bits: int | None = None,
     allow_float: Container[str] = (),
     max_bytes: int | None = None,
+    fmt: BlockFloat | None = None,
 ) -> dict[str, torch.Tensor]:
     """Decode and validate tensors; raises ``WireFormatError`` naming the first problem.
 
-    ``expected`` pins names, shapes and dtypes; ``bits`` pins the mantissa width of every
-    float tensor (32: plain float32), except names in ``allow_float`` which may also come as
-    float32; ``max_bytes`` caps the array payload. Float tensors come back as float32.
+    ``expected`` pins names, shapes and dtypes. ``fmt`` pins the format of every float tensor:
+    its mantissa width and its blocks (the number of elements sharing an exponent, for each
+    shape), so a peer cannot relabel a tensor with huge blocks that decode to padded gigabytes;
+    32 bits means plain float32. ``bits`` pins the width only (for callers that accept any
+    layout). Names in ``allow_float`` may also come as float32. ``max_bytes`` caps the payload:
+    the arrays plus the format descriptions. Float tensors come back as float32.
     """
+    if fmt is not None:
+        if bits is not None and bits != fmt.bits:
+            raise ValueError(f"bits={bits} contradicts fmt={fmt.describe()}")
+        bits = fmt.bits
     if max_bytes is not None:
-        size = arrays.count_bytes()
+        size = arrays.count_bytes() + _formats_bytes(formats)
         if size > max_bytes:
             raise WireFormatError(f"payload of {size} bytes exceeds the limit of {max_bytes}")
     names = list(formats.keys())
@@ -119,7 +149,7 @@ def decode_tensors(
     decoded = {}
     for name, description in described.items():
         spec = expected[name] if expected is not None else None
-        value = _read_one(name, arrays, description, spec, bits, allow_float)
+        value = _read_one(name, arrays, description, spec, bits, allow_float, fmt)
         tensor = value.decode() if isinstance(value, QuantizedTensor) else value
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise WireFormatError(f"{name!r} contains NaN or inf")
@@ -133,7 +163,7 @@ def read_tensors(
     """Read trusted tensors back as written (``QuantizedTensor`` stays quantized)."""
     described = _parse_formats(formats)
     return {
-        name: _read_one(name, arrays, description, None, None, ())
+        name: _read_one(name, arrays, description, None, None, (), None)
         for name, description in described.items()
     }
 
@@ -149,11 +179,22 @@ def _int(value: object) -> int:
     return value
 
 
+def _formats_bytes(formats: ConfigRecord) -> int:
+    """Bytes of the format descriptions (names and JSON texts)."""
+    return sum(
+        len(name) + (len(v) if isinstance(v, str | bytes) else 8) for name, v in formats.items()
+    )
+
+
 def _parse_formats(formats: ConfigRecord) -> dict[str, dict]:
     described = {}
     for name, text in formats.items():
         if not isinstance(text, str):
             raise WireFormatError(f"format of {name!r} is not a JSON string")
+        if len(text) > MAX_FORMAT_CHARS:
+            raise WireFormatError(
+                f"format of {name!r} is {len(text)} characters long (at most {MAX_FORMAT_CHARS})"
+            )
         try:
             description = json.loads(text, parse_constant=_reject_constant)
             if not isinstance(description, dict) or not isinstance(description["shape"], list):
@@ -182,6 +223,7 @@ def _read_one(
     spec: TensorSpec | None,
     bits: int | None,
     allow_float: Container[str],
+    expected_fmt: BlockFloat | None,
 ) -> torch.Tensor | QuantizedTensor:
     shape = description["shape"]
     if spec is not None and shape != spec.shape:
@@ -197,6 +239,11 @@ def _read_one(
             raise WireFormatError(f"{name!r} has an invalid format: {err}") from None
         if bits is not None and fmt.bits != bits:
             raise WireFormatError(f"{name!r} has {fmt.bits}-bit mantissas, expected {bits}")
+        if expected_fmt is not None and fmt.block_length(shape) != expected_fmt.block_length(shape):
+            raise WireFormatError(
+                f"{name!r} has blocks of {fmt.block_length(shape)} elements ({fmt.describe()}), "
+                f"expected {expected_fmt.block_length(shape)} ({expected_fmt.describe()})"
+            )
         if spec is not None and not spec.dtype.is_floating_point:
             raise WireFormatError(f"{name!r} is {spec.dtype} and must travel unquantized")
         mantissas = _numpy(name, arrays[name])

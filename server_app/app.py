@@ -15,15 +15,22 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from quantization.wire import specs_of
+from quantization.wire import TensorSpec, specs_of
 from strategies import LowPrecisionStrategy
 from strategies.factory import build_strategy
 from task.config import load_config, resolve_device
-from task.data import central_test_data
+from task.data import central_test_data, max_train_examples
 from task.model import build_configured_model, float_buffer_names
 from task.training import evaluate_model
 
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, restore, save_checkpoint
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    check_fits,
+    load_checkpoint,
+    restore,
+    save_checkpoint,
+)
 from .results import ResultsWriter, RoundRow, format_row
 
 app = ServerApp()
@@ -86,24 +93,36 @@ class RoundRecorder:
 
 
 def _resume(
-    out: Path, strategy: LowPrecisionStrategy, writer: ResultsWriter, names: list[str]
+    out: Path,
+    strategy: LowPrecisionStrategy,
+    writer: ResultsWriter,
+    template: dict[str, TensorSpec],
+    num_rounds: int,
 ) -> ArrayRecord:
-    """Restore the server state saved after the last finished round; returns its model."""
+    """Restore the server state saved after the last finished round; returns its model.
+
+    Refuses (``CheckpointError``, naming the file) a checkpoint that is damaged, belongs to
+    another model or strategy, or is past this run's rounds.
+    """
+    path = out / CHECKPOINT_NAME
     checkpoint = load_checkpoint(out)
     if checkpoint is None:
         raise FileNotFoundError(
-            f"server.resume=true but {out / CHECKPOINT_NAME} does not exist: set output_dir to "
+            f"server.resume=true but {path} does not exist: set output_dir to "
             "the folder of the run to continue, or drop server.resume"
         )
-    if set(checkpoint.model) != set(names):
-        raise ValueError(
-            f"{out / CHECKPOINT_NAME} holds another model's tensors: resume with the same "
-            "model and dataset settings as the run that wrote it"
+    check_fits(checkpoint, template, path)
+    if checkpoint.round >= num_rounds:
+        raise CheckpointError(
+            f"{path} was written after round {checkpoint.round}, and this run has "
+            f"federation.num_rounds={num_rounds}: nothing is left to do (raise num_rounds to "
+            "train further)"
         )
+    names = list(template)
     restore(checkpoint, strategy, names)
     strategy.round_offset = checkpoint.round
     writer.load_rows(up_to=checkpoint.round)
-    log(INFO, "Resuming after round %d from %s", checkpoint.round, out / CHECKPOINT_NAME)
+    log(INFO, "Resuming after round %d from %s", checkpoint.round, path)
     return ArrayRecord({name: Array(checkpoint.model[name]) for name in names})
 
 
@@ -122,11 +141,15 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "Low-precision FL: results go to %s", out)
     model = build_configured_model(cfg)
     template = {name: t.detach().clone() for name, t in model.state_dict().items()}
-    strategy = build_strategy(cfg, specs_of(template), float_buffer_names(model))
+    connected = len(list(grid.get_node_ids()))
+    # Clients partition by their own num-partitions (in simulation, the SuperNodes): fewer
+    # partitions are larger, so the weight cap takes the smaller count.
+    partitions = min(int(cfg.federation.num_clients), connected or int(cfg.federation.num_clients))
+    max_examples = max_train_examples(cfg, partitions) if not cfg.server.max_num_examples else None
+    strategy = build_strategy(cfg, specs_of(template), float_buffer_names(model), max_examples)
     initial = ArrayRecord({name: Array(t.numpy()) for name, t in template.items()})
     if cfg.server.resume:
-        initial = _resume(out, strategy, writer, list(template))
-    connected = len(list(grid.get_node_ids()))
+        initial = _resume(out, strategy, writer, specs_of(template), int(cfg.federation.num_rounds))
     if connected and connected != cfg.federation.num_clients:
         log(
             WARNING,

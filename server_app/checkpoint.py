@@ -5,23 +5,22 @@ strategy's state under ``strategy/``) and, as string metadata, the round counter
 average's update count, Python's ``random`` state (client sampling is seeded per round, see
 ``strategies/node_order.py``; any other user of ``random`` resumes where it was) and the
 inner strategy's class, tensor order and None attributes. No pickle. It is written to a
-temporary file and renamed, so a crash never leaves a torn checkpoint.
+temporary file and renamed, so a crash never leaves a torn checkpoint, and it carries a sha256
+digest of everything in it (``task.verified_file``): a damaged checkpoint is refused with a
+message naming the file, never loaded into a run.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
+from quantization.wire import TensorSpec
 from strategies import LowPrecisionStrategy
 from strategies.state import (
     SEPARATOR,
@@ -31,6 +30,7 @@ from strategies.state import (
     state_attributes,
     strategy_state,
 )
+from task.verified_file import CorruptFileError, load_verified, save_verified
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 _MODEL, _AVERAGE, _STRATEGY = "model/", "average/", "strategy/"
@@ -54,9 +54,13 @@ class Checkpoint:
     lineage: str = ""
 
 
-def _tensors(prefix: str, arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+class CheckpointError(ValueError):
+    """A checkpoint that cannot resume this run; the message names the file and the problem."""
+
+
+def _tensors(prefix: str, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     # np.asarray keeps 0-d arrays 0-d (np.ascontiguousarray would make them 1-d)
-    return {prefix + k: torch.from_numpy(np.asarray(v, order="C")) for k, v in arrays.items()}
+    return {prefix + k: np.asarray(v, order="C") for k, v in arrays.items()}
 
 
 def save_checkpoint(
@@ -85,11 +89,7 @@ def save_checkpoint(
             }
         ),
     }
-    path = directory / CHECKPOINT_NAME
-    tmp = directory / (CHECKPOINT_NAME + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    return save_verified(directory / CHECKPOINT_NAME, tensors, metadata)
 
 
 def _as_tuple(value: object) -> object:
@@ -97,27 +97,93 @@ def _as_tuple(value: object) -> object:
 
 
 def load_checkpoint(directory: Path) -> Checkpoint | None:
-    """The checkpoint in ``directory``, or None if there is none."""
+    """The checkpoint in ``directory``, or None if there is none.
+
+    Raises ``CheckpointError`` naming the file when it is damaged or its metadata is not what
+    ``save_checkpoint`` writes (a negative round, a negative update count, ...).
+    """
     path = directory / CHECKPOINT_NAME
     if not path.exists():
         return None
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata()
-    tensors = load_file(str(path))
-    model = {k[len(_MODEL) :]: v.numpy() for k, v in tensors.items() if k.startswith(_MODEL)}
-    average = {k[len(_AVERAGE) :]: v.numpy() for k, v in tensors.items() if k.startswith(_AVERAGE)}
+    try:
+        tensors, metadata = load_verified(path)
+        return _parse(tensors, metadata)
+    except CorruptFileError as err:
+        raise CheckpointError(f"cannot resume from {err}") from None
+    except (KeyError, ValueError, TypeError) as err:
+        raise CheckpointError(
+            f"cannot resume from {path}: its metadata is invalid ({type(err).__name__}: {err})"
+        ) from None
+
+
+def _nonnegative_int(metadata: Mapping[str, str], key: str) -> int:
+    value = json.loads(metadata[key])
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{key!r} must be an integer >= 0, got {metadata[key]!r}")
+    return value
+
+
+def _parse(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> Checkpoint:
+    model = {k[len(_MODEL) :]: v for k, v in tensors.items() if k.startswith(_MODEL)}
+    average = {k[len(_AVERAGE) :]: v for k, v in tensors.items() if k.startswith(_AVERAGE)}
     strategy = json.loads(metadata.get("strategy", "null")) or {}
+    if not isinstance(strategy, dict):
+        raise TypeError("'strategy' must be a JSON object")
+    order = strategy.get("order", [])
+    random_state = _as_tuple(json.loads(metadata["random_state"]))
+    random.Random().setstate(random_state)  # raises for anything but a state of `random`
+    lineage = metadata.get("lineage", "")
+    if lineage and (len(lineage) != 32 or not all(c in "0123456789abcdef" for c in lineage)):
+        raise ValueError(f"'lineage' must be 32 hex digits, got {lineage[:40]!r}")
     return Checkpoint(
-        round=int(metadata["round"]),
+        round=_nonnegative_int(metadata, "round"),
         model=model,
         average=average or None,
-        num_updates=int(metadata["num_updates"]),
-        random_state=_as_tuple(json.loads(metadata["random_state"])),
+        num_updates=_nonnegative_int(metadata, "num_updates"),
+        random_state=random_state,
         strategy_class=strategy.get("class"),
-        strategy={k: tensors[_STRATEGY + k].numpy() for k in strategy.get("order", [])},
+        strategy={k: tensors[_STRATEGY + k] for k in order},
         strategy_none=tuple(strategy.get("none", ())),
-        lineage=metadata.get("lineage", ""),
+        lineage=lineage,
     )
+
+
+def check_fits(checkpoint: Checkpoint, template: Mapping[str, TensorSpec], path: Path) -> None:
+    """Refuse a checkpoint whose model or average does not fit ``template`` or is not finite."""
+    if set(checkpoint.model) != set(template):
+        raise CheckpointError(
+            f"{path} holds another model's tensors: resume with the same model and dataset "
+            "settings as the run that wrote it"
+        )
+    parts = [("model", checkpoint.model)]
+    if checkpoint.average is not None:
+        if set(checkpoint.average) != set(template):
+            raise CheckpointError(f"{path}: its moving average does not hold the model's tensors")
+        parts.append(("moving average", checkpoint.average))
+    for part, arrays in parts:
+        for name, spec in template.items():
+            value = arrays[name]
+            if tuple(value.shape) != spec.shape:
+                raise CheckpointError(
+                    f"{path}: the {part}'s {name!r} has shape {tuple(value.shape)}, the model's "
+                    f"has {spec.shape}: resume with the same model settings as the run that "
+                    "wrote it"
+                )
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise CheckpointError(f"{path}: the {part}'s {name!r} holds NaN or inf")
+    shapes = list(template.values())
+    for flat, value in checkpoint.strategy.items():
+        _, _, key = flat.partition(SEPARATOR)
+        spec = template.get(key) or (
+            shapes[int(key)] if key.isdigit() and int(key) < len(shapes) else None
+        )
+        if spec is None or tuple(value.shape) != spec.shape:
+            raise CheckpointError(
+                f"{path}: the strategy state {flat!r} does not fit the model "
+                f"(shape {tuple(value.shape)})"
+            )
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise CheckpointError(f"{path}: the strategy state {flat!r} holds NaN or inf")
 
 
 def restore(checkpoint: Checkpoint, strategy: LowPrecisionStrategy, names: list[str]) -> None:

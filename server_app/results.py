@@ -44,8 +44,17 @@ class ResultsWriter:
     def load_rows(self, up_to: int) -> None:
         """Take back the rows of rounds <= ``up_to`` from an earlier run's results.json."""
         path = self.output_dir / "results.json"
-        rows = json.loads(path.read_text())["rounds"] if path.exists() else []
-        self.rows = [RoundRow(**row) for row in rows if row["round"] <= up_to]
+        if not path.exists():
+            self.rows = []
+            return
+        try:
+            rows = json.loads(path.read_text())["rounds"]
+            self.rows = [RoundRow(**row) for row in rows if row["round"] <= up_to]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(
+                f"cannot resume: {path} is damaged ({type(err).__name__}: {err}); move it away "
+                "to resume without the earlier rounds' rows"
+            ) from None
 
     def add(self, row: RoundRow) -> None:
         """Record a round and persist everything so far."""

@@ -9,10 +9,11 @@ from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig, OmegaConf
 
 from quantization.wire import TensorSpec
-from task.formats import downlink_format
+from task.formats import downlink_format, uplink_format
 
 from .low_precision import LowPrecisionStrategy
 from .moving_average import ServerMovingAverage
+from .update_guard import UpdateGuard
 
 #: Config names of the Flower strategies that plug in, and their classes.
 INNER_STRATEGIES: dict[str, type[Strategy]] = {
@@ -44,15 +45,36 @@ def build_inner_strategy(cfg: DictConfig) -> Strategy:
     )
 
 
+def build_update_guard(cfg: DictConfig, max_examples: int | None) -> UpdateGuard:
+    """The server's bounds on client updates; ``max_examples``: the auto weight cap, if known.
+
+    ``server.max_num_examples`` > 0 sets the weight cap itself; 0 takes ``max_examples``.
+    """
+    server = cfg.server
+    cap = int(server.max_num_examples) or max_examples
+    return UpdateGuard(
+        max_weight=float(cap) if cap else None,
+        max_norm_ratio=float(server.max_update_norm_ratio),
+        clip_factor=float(server.update_clip_factor),
+    )
+
+
 def build_strategy(
-    cfg: DictConfig, template: Mapping[str, TensorSpec], float_buffers: Iterable[str]
+    cfg: DictConfig,
+    template: Mapping[str, TensorSpec],
+    float_buffers: Iterable[str],
+    max_examples: int | None = None,
 ) -> LowPrecisionStrategy:
-    """The low-precision wrapper around the configured inner strategy."""
+    """The low-precision wrapper around the configured inner strategy.
+
+    ``max_examples`` is the most examples an honest client can train on in a round (see
+    ``task.data.max_train_examples``), the default cap on a reply's claimed weight.
+    """
     q, server = cfg.quantization, cfg.server
     return LowPrecisionStrategy(
         inner=build_inner_strategy(cfg),
         template=template,
-        uplink_bits=int(q.uplink_bits),
+        uplink=uplink_format(q),
         downlink=downlink_format(q),
         moving_average=ServerMovingAverage(
             decay=float(server.moving_average),
@@ -62,4 +84,6 @@ def build_strategy(
         weighting=server.weighting,
         float_buffers=() if q.quantize_buffers else float_buffers,
         seed=int(cfg.seed),
+        guard=build_update_guard(cfg, max_examples),
+        max_failed_rounds=int(server.max_failed_rounds),
     )

@@ -19,22 +19,26 @@ from flwr.serverapp.strategy import Strategy
 from quantization import BlockFloat
 from quantization.wire import (
     FORMAT_SUFFIX,
+    MESSAGE_SLACK_BYTES,
     TensorSpec,
     WireFormatError,
     decode_tensors,
     encode_tensors,
     float32_size,
+    payload_limit,
     serialized_size,
 )
 
+from .metrics import aggregate_metrics, checked_metrics
 from .moving_average import ServerMovingAverage
 from .node_order import PartitionOrder, seeded_sampling
+from .update_guard import RejectedUpdateError, UpdateGuard
 
 Weighting = Literal["num-examples", "uniform"]
 METRICS_KEY = "metrics"
 #: Train-config key naming the run lineage (a run and its resumptions), see ``lineage``.
 LINEAGE_KEY = "lineage"
-#: Largest accepted aggregation weight: sums of such weights stay far from overflow.
+#: Largest accepted aggregation weight whatever the guard says: sums stay far from overflow.
 MAX_WEIGHT = 1e12
 _PHASE_SEED = {"train": 0, "evaluate": 1}
 
@@ -47,7 +51,16 @@ class RoundTraffic:
     downlink_bytes: int = 0
     fp32_uplink_bytes: int = 0
     fp32_downlink_bytes: int = 0
+    #: Why each rejected reply was refused ("node <id>: <reason>").
     rejected: list[str] = field(default_factory=list)
+    #: Error replies (client-side failures), as "node <id>: <reason>".
+    failed: list[str] = field(default_factory=list)
+    #: Accepted updates whose norm was clipped (see ``UpdateGuard``).
+    clipped: int = 0
+
+
+class FederationStalledError(RuntimeError):
+    """Several rounds in a row brought no acceptable update; the message says why."""
 
 
 class LowPrecisionStrategy(Strategy):
@@ -55,8 +68,10 @@ class LowPrecisionStrategy(Strategy):
 
     Broadcast: the float32 global model (the moving average) is encoded at the downlink format
     (integer mantissas + int8 exponents; 32 bits = float32). Updates: each reply is validated
-    against the model (names, shapes, dtypes, bit width, packed sizes, finite values, payload
-    size, metrics) and dequantized to float32; a bad reply is logged and dropped, never
+    against the model (names, shapes, dtypes, bit width and blocks of the uplink format,
+    packed sizes, finite values, message size, metrics, one reply per node) and dequantized to
+    float32; ``guard`` then bounds its claimed weight and its update's norm relative to the
+    model broadcast this round, and clips outliers. A bad reply is logged and dropped, never
     aggregated. The inner strategy aggregates in float32; the result is folded into the
     server's float32 moving average, which is what is broadcast and evaluated next.
     """
@@ -65,27 +80,37 @@ class LowPrecisionStrategy(Strategy):
         self,
         inner: Strategy,
         template: Mapping[str, TensorSpec],
-        uplink_bits: int,
+        uplink: BlockFloat,
         downlink: BlockFloat,
         moving_average: ServerMovingAverage | None = None,
         weighting: Weighting = "num-examples",
         float_buffers: Iterable[str] = (),
         max_update_bytes: int | None = None,
         seed: int = 0,
+        guard: UpdateGuard | None = None,
+        max_failed_rounds: int = 3,
     ) -> None:
         if weighting not in ("num-examples", "uniform"):
             raise ValueError(f"weighting must be 'num-examples' or 'uniform', got {weighting!r}")
         self.inner = inner
         self.template = dict(template)
-        self.uplink_bits = uplink_bits
+        self.uplink = uplink
         self.downlink = downlink
         self.moving_average = moving_average or ServerMovingAverage(decay=0.0)
         self.weighting = weighting
         self.float_buffers = frozenset(float_buffers)
-        # An update is never larger than the model in float32 (every format is <= 4 bytes/value).
-        self.max_update_bytes = max_update_bytes or int(1.1 * _float32_bytes(self.template)) + (
-            1 << 16
-        )
+        self.max_update_bytes = max_update_bytes or payload_limit(self.template)
+        self.max_message_bytes = self.max_update_bytes + MESSAGE_SLACK_BYTES
+        self.guard = guard or UpdateGuard()
+        if max_failed_rounds < 0:
+            raise ValueError(
+                f"max_failed_rounds must be >= 0 (0 = never stop), got {max_failed_rounds}"
+            )
+        self.max_failed_rounds = max_failed_rounds
+        #: Training rounds in a row that brought no acceptable update.
+        self.failed_rounds = 0
+        #: The decoded model broadcast for training, by round: what clients trained from.
+        self._references: dict[int, dict[str, torch.Tensor]] = {}
         self.seed = seed
         self.traffic: dict[int, RoundTraffic] = {}
         #: Rounds already done before this run (a resumed run): Flower's loop counts from 1.
@@ -107,8 +132,8 @@ class LowPrecisionStrategy(Strategy):
         ma = self.moving_average
         log(
             INFO,
-            "\t├──> Low precision: uplink %d bits, downlink %s, weighting %s",
-            self.uplink_bits,
+            "\t├──> Low precision: uplink %s, downlink %s, weighting %s",
+            self.uplink.describe(),
             self.downlink.describe(),
             self.weighting,
         )
@@ -154,10 +179,14 @@ class LowPrecisionStrategy(Strategy):
         if not messages:
             return messages
         generator = torch.Generator().manual_seed(self._round_seed(server_round, phase))
-        tensors = {name: torch.from_numpy(arrays[name].numpy()) for name in arrays}
+        tensors = {
+            name: torch.from_numpy(self._as_template(name, arrays[name].numpy())) for name in arrays
+        }
         encoded, formats = encode_tensors(
             tensors, self.downlink, generator, keep_float=self.float_buffers
         )
+        if phase == "train":  # what the clients will train from: updates are measured against it
+            self._references = {server_round: decode_tensors(encoded, formats)}
         traffic = self._traffic(server_round)
         # Inner strategies share one content among messages: encode and measure it once.
         replaced: dict[int, tuple[RecordDict, int, int]] = {}
@@ -182,103 +211,170 @@ class LowPrecisionStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate and dequantize replies, aggregate with the inner strategy, then average."""
+        """Validate and dequantize replies, aggregate with the inner strategy, then average.
+
+        Raises ``FederationStalledError`` once ``max_failed_rounds`` rounds in a row brought
+        no acceptable update: a run whose clients all fail should stop, not "finish".
+        """
         server_round += self.round_offset
-        accepted = self._accept(server_round, replies, with_arrays=True)
-        if not any(not reply.has_error() for reply in accepted):
-            log(
-                WARNING,
-                "Round %d: no valid update arrived; the global model stays as it was",
-                server_round,
-            )
+        accepted, metrics, weights = self._accept(server_round, replies, with_arrays=True)
+        if not metrics:
+            self._no_update(server_round)
             return None, None
-        arrays, metrics = self.inner.aggregate_train(server_round, accepted)
+        self.failed_rounds = 0
+        arrays, inner_metrics = self.inner.aggregate_train(server_round, accepted)
+        merged = _merge(inner_metrics, aggregate_metrics(metrics, weights, self.weight_key))
         if arrays is None:
-            return None, metrics
-        model = {name: self._as_template_dtype(name, arrays[name].numpy()) for name in arrays}
+            return None, merged
+        model = {name: self._as_template(name, arrays[name].numpy()) for name in arrays}
         broadcast = self.moving_average.update(server_round, model)
-        return ArrayRecord({name: _array(value) for name, value in broadcast.items()}), metrics
+        return ArrayRecord({name: _array(value) for name, value in broadcast.items()}), merged
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Validate replies' metrics, then aggregate them with the inner strategy."""
+        """Validate replies' metrics, then aggregate them key by key (see ``metrics``)."""
         server_round += self.round_offset
-        accepted = self._accept(server_round, replies, with_arrays=False)
-        if not accepted:
+        accepted, metrics, weights = self._accept(server_round, replies, with_arrays=False)
+        if not metrics:
             return None
-        return self.inner.aggregate_evaluate(server_round, accepted)
+        inner_metrics = self.inner.aggregate_evaluate(server_round, accepted)
+        return _merge(inner_metrics, aggregate_metrics(metrics, weights, self.weight_key))
+
+    def _no_update(self, server_round: int) -> None:
+        self.failed_rounds += 1
+        reasons = self._traffic(server_round).rejected + self._traffic(server_round).failed
+        log(
+            WARNING,
+            "Round %d: no valid update arrived; the global model stays as it was (%d round(s) "
+            "in a row)",
+            server_round,
+            self.failed_rounds,
+        )
+        if self.max_failed_rounds and self.failed_rounds >= self.max_failed_rounds:
+            shown = "; ".join(reasons[:3]) or "no client replied"
+            raise FederationStalledError(
+                f"no client update was accepted in the last {self.failed_rounds} rounds "
+                f"(through round {server_round}), so training cannot progress. Last reasons: "
+                f"{shown}. Fix the clients (their logs say more), or raise "
+                "server.max_failed_rounds (0 = never stop)."
+            )
 
     def _accept(
         self, server_round: int, replies: Iterable[Message], with_arrays: bool
-    ) -> list[Message]:
-        accepted = []
+    ) -> tuple[list[Message], list[dict], list[float]]:
+        """Replies fit for the inner strategy, with their metrics and weights (valid only).
+
+        Accepted replies carry only dequantized float32 arrays (norm-clipped, see
+        ``UpdateGuard``) and a MetricRecord with the weight; the full metrics come back
+        separately, in the same order as the valid replies (sorted by node id).
+        """
         traffic = self._traffic(server_round)
+        reference = self._references.get(server_round) if with_arrays else None
+        seen: set[int] = set()
+        errors: list[Message] = []
+        candidates: list[_Candidate] = []
         for reply in replies:
             if reply.has_error():
-                accepted.append(reply)  # the inner strategy logs it and skips it
+                errors.append(reply)  # the inner strategy logs it and skips it
+                traffic.failed.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
                 continue
             node = reply.metadata.src_node_id
             try:
-                traffic.uplink_bytes += serialized_size(reply.content)
+                size = serialized_size(reply.content)
+                traffic.uplink_bytes += size
                 traffic.fp32_uplink_bytes += self._fp32_equivalent(reply.content, with_arrays)
-                reply.content = self._sanitize(reply.content, with_arrays)
+                if node in seen:
+                    raise RejectedUpdateError(
+                        "sent a second reply this round; only the first counts"
+                    )
+                seen.add(node)
+                if size > self.max_message_bytes:
+                    raise WireFormatError(
+                        f"message of {size} bytes exceeds the limit of {self.max_message_bytes}"
+                    )
+                candidates.append(self._candidate(node, reply, with_arrays, reference))
             except Exception as err:  # a bad update must never stop the server
                 reason = f"node {node}: {err}"
                 traffic.rejected.append(reason)
                 log(WARNING, "Round %d: rejected the reply from %s", server_round, reason)
-                continue
-            accepted.append(reply)
         # Arrival order varies; a fixed order makes float32 sums (and resumed runs) reproducible.
-        accepted.sort(key=lambda r: r.metadata.src_node_id)
-        return _common_metrics(accepted)
+        candidates.sort(key=lambda c: c.reply.metadata.src_node_id)
+        if with_arrays and reference is not None:
+            threshold = self.guard.clip_threshold([c.norm for c in candidates])
+            for c in candidates:
+                clipped = self.guard.clip(c.tensors, reference, c.norm, threshold)
+                if clipped is not None:
+                    log(
+                        INFO,
+                        "Round %d: clipped the update of node %d from norm %.4g to %.4g",
+                        server_round,
+                        c.reply.metadata.src_node_id,
+                        c.norm,
+                        threshold,
+                    )
+                    traffic.clipped += 1
+                    c.tensors = clipped
+        for c in candidates:
+            content = RecordDict({METRICS_KEY: MetricRecord({self.weight_key: c.weight})})
+            if with_arrays:
+                content[self.arrayrecord_key] = ArrayRecord(
+                    {name: _array(t.numpy()) for name, t in c.tensors.items()}
+                )
+            c.reply.content = content
+        accepted = [c.reply for c in candidates]
+        return (
+            errors + accepted,
+            [c.metrics for c in candidates],
+            [float(c.weight) for c in candidates],
+        )
 
-    def _sanitize(self, content: RecordDict, with_arrays: bool) -> RecordDict:
-        """A fresh RecordDict holding only dequantized float32 arrays and checked metrics."""
+    def _candidate(
+        self,
+        node: int,
+        reply: Message,
+        with_arrays: bool,
+        reference: Mapping[str, torch.Tensor] | None,
+    ) -> _Candidate:
+        """Decode and check one reply (raises naming the first problem)."""
+        content = reply.content
         metric_records = list(content.metric_records.items())
         if len(metric_records) != 1:
             raise WireFormatError(f"expected one MetricRecord, got {len(metric_records)}")
-        _, metrics = metric_records[0]
-        clean = RecordDict({METRICS_KEY: self._checked_metrics(metrics)})
-        if with_arrays:
-            array_records = content.array_records
-            if set(array_records.keys()) != {self.arrayrecord_key}:
-                raise WireFormatError(
-                    f"expected one ArrayRecord {self.arrayrecord_key!r}, "
-                    f"got {sorted(array_records.keys())}"
-                )
-            formats = content.config_records.get(self.format_key)
-            if formats is None:
-                raise WireFormatError(f"the ConfigRecord {self.format_key!r} is missing")
-            tensors = decode_tensors(
-                array_records[self.arrayrecord_key],
-                formats,
-                expected=self.template,
-                bits=self.uplink_bits,
-                allow_float=self.float_buffers,
-                max_bytes=self.max_update_bytes,
-            )
-            clean[self.arrayrecord_key] = ArrayRecord(
-                {name: _array(t.numpy()) for name, t in tensors.items()}
-            )
-        return clean
-
-    def _checked_metrics(self, metrics: MetricRecord) -> MetricRecord:
+        metrics = checked_metrics(metric_records[0][1])
         weight = metrics.get(self.weight_key)
-        if isinstance(weight, bool) or not isinstance(weight, int | float):
+        if isinstance(weight, list) or weight is None:
             raise WireFormatError(f"metric {self.weight_key!r} is missing or not a number")
-        if not math.isfinite(weight) or not 0 < weight <= MAX_WEIGHT:
+        if not 0 < weight <= MAX_WEIGHT:
             raise WireFormatError(
                 f"metric {self.weight_key!r} must be in (0, {MAX_WEIGHT:.0e}], got {weight}"
             )
-        for name, value in metrics.items():
-            values = value if isinstance(value, list) else [value]
-            if not all(math.isfinite(v) for v in values):
-                raise WireFormatError(f"metric {name!r} is not finite")
-        checked = MetricRecord(dict(metrics.items()))
+        self.guard.check_weight(weight)
         if self.weighting == "uniform":
-            checked[self.weight_key] = 1
-        return checked
+            weight = 1
+        candidate = _Candidate(reply=reply, metrics=metrics, weight=weight)
+        if not with_arrays:
+            return candidate
+        array_records = content.array_records
+        if set(array_records.keys()) != {self.arrayrecord_key}:
+            raise WireFormatError(
+                f"expected one ArrayRecord {self.arrayrecord_key!r}, "
+                f"got {sorted(array_records.keys())}"
+            )
+        formats = content.config_records.get(self.format_key)
+        if formats is None:
+            raise WireFormatError(f"the ConfigRecord {self.format_key!r} is missing")
+        candidate.tensors = decode_tensors(
+            array_records[self.arrayrecord_key],
+            formats,
+            expected=self.template,
+            fmt=self.uplink,
+            allow_float=self.float_buffers,
+            max_bytes=self.max_update_bytes,
+        )
+        if reference is not None:
+            candidate.norm = self.guard.check_norm(candidate.tensors, reference)
+        return candidate
 
     def _fp32_equivalent(self, content: RecordDict, with_arrays: bool) -> int:
         """Size of the same reply had its model travelled as plain float32."""
@@ -287,35 +383,42 @@ class LowPrecisionStrategy(Strategy):
         )
         return serialized_size(rest) + (self._fp32_arrays_bytes if with_arrays else 0)
 
-    def _as_template_dtype(self, name: str, value: np.ndarray) -> np.ndarray:
-        spec = self.template.get(name)
-        if spec is None or spec.dtype.is_floating_point:
+    def _as_template(self, name: str, value: np.ndarray) -> np.ndarray:
+        """An aggregate in the model's own shape and dtype (Flower returns 0-d arrays as 1-d)."""
+        spec = self.template[name]
+        if value.size != math.prod(spec.shape):
+            raise ValueError(f"the inner strategy returned {name!r} with shape {value.shape}")
+        value = value.reshape(spec.shape)
+        if spec.dtype.is_floating_point:
             return value.astype(np.float32, copy=False)
-        return np.rint(value).astype(torch.empty(0, dtype=spec.dtype).numpy().dtype)
+        # np.rint returns a scalar for a 0-d array; np.asarray keeps it an array
+        return np.asarray(np.rint(value)).astype(torch.empty(0, dtype=spec.dtype).numpy().dtype)
 
     def _traffic(self, server_round: int) -> RoundTraffic:
         return self.traffic.setdefault(server_round, RoundTraffic())
 
 
-def _common_metrics(replies: list[Message]) -> list[Message]:
-    """Keep only metric keys every reply has: Flower's aggregation requires identical keys."""
-    contents = [r.content for r in replies if not r.has_error()]
-    if not contents:
-        return replies
-    common = set.intersection(*(set(c[METRICS_KEY].keys()) for c in contents))
-    for content in contents:
-        metrics = content[METRICS_KEY]
-        if set(metrics.keys()) != common:
-            content[METRICS_KEY] = MetricRecord({k: v for k, v in metrics.items() if k in common})
-    return replies
+@dataclass
+class _Candidate:
+    """A reply that passed the checks so far, with what was decoded from it."""
+
+    reply: Message
+    metrics: dict
+    weight: float
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    norm: float = 0.0
+
+
+def _merge(inner: MetricRecord | None, ours: MetricRecord) -> MetricRecord:
+    """The inner strategy's metrics (if any) completed with the per-key aggregate."""
+    merged = MetricRecord(dict(inner.items()) if inner is not None else {})
+    for key, value in ours.items():
+        merged[key] = value
+    return merged
 
 
 def _array(value: np.ndarray) -> Array:
     return Array(np.ascontiguousarray(value))
-
-
-def _float32_bytes(template: Mapping[str, TensorSpec]) -> int:
-    return sum(4 * math.prod(spec.shape) for spec in template.values())
 
 
 def _fp32_record_bytes(template: Mapping[str, TensorSpec], key: str) -> int:

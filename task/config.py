@@ -163,6 +163,16 @@ def validate_config(cfg: DictConfig) -> None:
         "use num-examples or uniform",
     )
     require(server.eval_batch_size >= 1, "server.eval_batch_size", "must be >= 1")
+    require(server.max_num_examples >= 0, "server.max_num_examples", "must be >= 0 (0 = auto)")
+    require(
+        server.max_update_norm_ratio >= 0, "server.max_update_norm_ratio", "must be >= 0 (0 = off)"
+    )
+    require(
+        server.update_clip_factor == 0 or server.update_clip_factor >= 1,
+        "server.update_clip_factor",
+        "must be 0 (off) or >= 1",
+    )
+    require(server.max_failed_rounds >= 0, "server.max_failed_rounds", "must be >= 0 (0 = never)")
     require(
         not server.resume or cfg.output_dir != "",
         "server.resume",

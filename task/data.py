@@ -17,6 +17,18 @@ def _load(cfg: DictConfig, train: bool) -> ImageData:
     return load_image_data(ds.name, ds.root or None, train=train, pad_to=ds.pad_to)
 
 
+def _partitions(cfg: DictConfig, num_partitions: int, labels) -> list:
+    part = cfg.partition
+    return partition_indices(
+        labels,
+        part.scheme,
+        num_partitions,
+        alpha=part.alpha,
+        classes_per_partition=part.classes_per_client,
+        seed=cfg.seed,
+    )
+
+
 def client_data(
     cfg: DictConfig, partition_id: int, num_partitions: int
 ) -> tuple[ImageData, ImageData]:
@@ -27,19 +39,32 @@ def client_data(
             "SuperNode with --node-config 'partition-id=<i> num-partitions=<N>'"
         )
     data = _load(cfg, train=True)
-    part = cfg.partition
-    parts = partition_indices(
-        data.labels.numpy(),
-        part.scheme,
-        num_partitions,
-        alpha=part.alpha,
-        classes_per_partition=part.classes_per_client,
-        seed=cfg.seed,
-    )
+    parts = _partitions(cfg, num_partitions, data.labels.numpy())
     train_idx, test_idx = train_test_split_indices(
-        parts[partition_id], part.test_fraction, seed=cfg.seed + partition_id
+        parts[partition_id], cfg.partition.test_fraction, seed=cfg.seed + partition_id
     )
     return data.subset(train_idx), data.subset(test_idx)
+
+
+def max_train_examples(cfg: DictConfig, num_partitions: int) -> int:
+    """The most examples an honest client reports (``num-examples``) for one round.
+
+    ``local_epochs`` times the largest training split of ``num_partitions`` partitions, and
+    at most ``max_steps * batch_size`` when steps are capped: the server's default bound on a
+    reply's claimed weight.
+    """
+    data = _load(cfg, train=True)
+    parts = _partitions(cfg, num_partitions, data.labels.numpy())
+    fraction = cfg.partition.test_fraction
+    largest = max(
+        len(train_test_split_indices(p, fraction, seed=cfg.seed + i)[0])
+        for i, p in enumerate(parts)
+    )
+    t = cfg.train
+    examples = int(t.local_epochs) * largest
+    if int(t.max_steps) > 0:
+        examples = min(examples, int(t.max_steps) * int(t.batch_size))
+    return examples
 
 
 def central_test_data(cfg: DictConfig) -> ImageData:

@@ -283,8 +283,9 @@ def test_state_directory_node_config_wins(node_config, run_config, expected) -> 
     cfg = load_config({"overrides": "dataset=synthetic", **run_config})
     directory = state_directory(cfg, node_config, partition_id=2)
     assert directory == (None if expected is None else Path(expected))
-    assert state_directory(cfg, node_config, 2, lineage="ab12") == (
-        None if expected is None else Path(expected).parent / "ab12" / "partition-2"
+    lineage = "ab12" * 8  # the server's uuid4().hex form
+    assert state_directory(cfg, node_config, 2, lineage=lineage) == (
+        None if expected is None else Path(expected).parent / lineage / "partition-2"
     )
 
 

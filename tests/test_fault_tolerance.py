@@ -514,7 +514,7 @@ def test_fuzzed_replies_are_all_rejected_and_never_change_the_aggregate(uplink):
     assert len(originals) == NUM_NODES
     by_node = {r.metadata.dst_node_id: r for r in requests}
     valid = [(r.metadata.src_node_id, r.content) for r in originals]
-    bits = strategy.uplink_bits
+    bits = strategy.uplink.bits
 
     def valid_replies() -> list[Message]:
         return [_reply_message(by_node[n], c, n) for n, c in valid]

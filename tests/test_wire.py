@@ -467,7 +467,8 @@ def test_non_string_format_value_rejected(value):
 
 def test_max_bytes_exceeded_rejected():
     arrays, formats = _encode()
-    size = arrays.count_bytes()
+    # the cap counts the arrays and the format descriptions (names and JSON texts)
+    size = arrays.count_bytes() + sum(len(k) + len(v) for k, v in formats.items())
     _decode(arrays, formats, max_bytes=size)  # the limit itself is fine
     with pytest.raises(WireFormatError, match=f"payload of {size} bytes exceeds the limit"):
         _decode(arrays, formats, max_bytes=size - 1)

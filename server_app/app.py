@@ -19,7 +19,7 @@ from quantization.wire import TensorSpec, specs_of
 from strategies import LowPrecisionStrategy
 from strategies.factory import build_strategy
 from task.config import load_config, resolve_device
-from task.data import central_test_data, max_train_examples
+from task.data import central_test_data, max_client_examples
 from task.model import build_configured_model, float_buffer_names
 from task.training import evaluate_model
 
@@ -84,6 +84,8 @@ class RoundRecorder:
             fp32_downlink_bytes=traffic.fp32_downlink_bytes if traffic else 0,
             seconds=now - self.last_time,
             rejected_updates=len(traffic.rejected) if traffic else 0,
+            clipped_updates=traffic.clipped if traffic else 0,
+            max_update_norm_ratio=max(traffic.update_norm_ratios, default=0.0) if traffic else 0.0,
         )
         self.last_time = now
         self.writer.add(row)  # first the row, then the checkpoint: a resume never skips a row
@@ -145,8 +147,8 @@ def main(grid: Grid, context: Context) -> None:
     # Clients partition by their own num-partitions (in simulation, the SuperNodes): fewer
     # partitions are larger, so the weight cap takes the smaller count.
     partitions = min(int(cfg.federation.num_clients), connected or int(cfg.federation.num_clients))
-    max_examples = max_train_examples(cfg, partitions) if not cfg.server.max_num_examples else None
-    strategy = build_strategy(cfg, specs_of(template), float_buffer_names(model), max_examples)
+    bounds = None if cfg.server.max_num_examples else max_client_examples(cfg, partitions)
+    strategy = build_strategy(cfg, specs_of(template), float_buffer_names(model), bounds)
     initial = ArrayRecord({name: Array(t.numpy()) for name, t in template.items()})
     if cfg.server.resume:
         initial = _resume(out, strategy, writer, specs_of(template), int(cfg.federation.num_rounds))

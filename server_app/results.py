@@ -30,6 +30,10 @@ class RoundRow:
     fp32_downlink_bytes: int
     seconds: float
     rejected_updates: int = 0
+    #: Accepted updates the server norm-clipped (server.update_clip_factor).
+    clipped_updates: int = 0
+    #: Largest ||w_client - w_broadcast|| / ||w_broadcast|| among accepted updates.
+    max_update_norm_ratio: float = 0.0
 
 
 class ResultsWriter:
@@ -123,6 +127,8 @@ def format_row(row: RoundRow, num_rounds: int) -> str:
     )
     if row.rejected_updates:
         text += f"  rejected {row.rejected_updates}"
+    if row.clipped_updates:
+        text += f"  clipped {row.clipped_updates}"
     return text
 
 

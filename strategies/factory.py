@@ -9,6 +9,7 @@ from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig, OmegaConf
 
 from quantization.wire import TensorSpec
+from task.data import ExampleBounds
 from task.formats import downlink_format, uplink_format
 
 from .low_precision import LowPrecisionStrategy
@@ -45,15 +46,16 @@ def build_inner_strategy(cfg: DictConfig) -> Strategy:
     )
 
 
-def build_update_guard(cfg: DictConfig, max_examples: int | None) -> UpdateGuard:
-    """The server's bounds on client updates; ``max_examples``: the auto weight cap, if known.
+def build_update_guard(cfg: DictConfig, bounds: ExampleBounds | None) -> UpdateGuard:
+    """The server's bounds on client updates; ``bounds``: the automatic weight caps, if known.
 
-    ``server.max_num_examples`` > 0 sets the weight cap itself; 0 takes ``max_examples``.
+    ``server.max_num_examples`` > 0 sets both weight caps itself; 0 takes ``bounds``.
     """
     server = cfg.server
-    cap = int(server.max_num_examples) or max_examples
+    cap = int(server.max_num_examples)
     return UpdateGuard(
-        max_weight=float(cap) if cap else None,
+        max_weight=float(cap or bounds.train) if cap or bounds else None,
+        max_eval_weight=float(cap or bounds.evaluate) if cap or bounds else None,
         max_norm_ratio=float(server.max_update_norm_ratio),
         clip_factor=float(server.update_clip_factor),
     )
@@ -63,12 +65,12 @@ def build_strategy(
     cfg: DictConfig,
     template: Mapping[str, TensorSpec],
     float_buffers: Iterable[str],
-    max_examples: int | None = None,
+    bounds: ExampleBounds | None = None,
 ) -> LowPrecisionStrategy:
     """The low-precision wrapper around the configured inner strategy.
 
-    ``max_examples`` is the most examples an honest client can train on in a round (see
-    ``task.data.max_train_examples``), the default cap on a reply's claimed weight.
+    ``bounds`` are the most examples an honest client reports in a round (see
+    ``task.data.max_client_examples``), the default caps on a reply's claimed weight.
     """
     q, server = cfg.quantization, cfg.server
     return LowPrecisionStrategy(
@@ -84,6 +86,6 @@ def build_strategy(
         weighting=server.weighting,
         float_buffers=() if q.quantize_buffers else float_buffers,
         seed=int(cfg.seed),
-        guard=build_update_guard(cfg, max_examples),
+        guard=build_update_guard(cfg, bounds),
         max_failed_rounds=int(server.max_failed_rounds),
     )

@@ -32,7 +32,7 @@ from quantization.wire import (
 from .metrics import aggregate_metrics, checked_metrics
 from .moving_average import ServerMovingAverage
 from .node_order import PartitionOrder, seeded_sampling
-from .update_guard import RejectedUpdateError, UpdateGuard
+from .update_guard import RejectedUpdateError, UpdateGuard, model_norm
 
 Weighting = Literal["num-examples", "uniform"]
 METRICS_KEY = "metrics"
@@ -57,6 +57,8 @@ class RoundTraffic:
     failed: list[str] = field(default_factory=list)
     #: Accepted updates whose norm was clipped (see ``UpdateGuard``).
     clipped: int = 0
+    #: ``||w_i - w_ref|| / ||w_ref||`` of each accepted update (before clipping).
+    update_norm_ratios: list[float] = field(default_factory=list)
 
 
 class FederationStalledError(RuntimeError):
@@ -110,7 +112,7 @@ class LowPrecisionStrategy(Strategy):
         #: Training rounds in a row that brought no acceptable update.
         self.failed_rounds = 0
         #: The decoded model broadcast for training, by round: what clients trained from.
-        self._references: dict[int, dict[str, torch.Tensor]] = {}
+        self._references: dict[int, _Reference] = {}
         self.seed = seed
         self.traffic: dict[int, RoundTraffic] = {}
         #: Rounds already done before this run (a resumed run): Flower's loop counts from 1.
@@ -186,7 +188,8 @@ class LowPrecisionStrategy(Strategy):
             tensors, self.downlink, generator, keep_float=self.float_buffers
         )
         if phase == "train":  # what the clients will train from: updates are measured against it
-            self._references = {server_round: decode_tensors(encoded, formats)}
+            reference = decode_tensors(encoded, formats)
+            self._references = {server_round: _Reference(reference, model_norm(reference))}
         traffic = self._traffic(server_round)
         # Inner strategies share one content among messages: encode and measure it once.
         replaced: dict[int, tuple[RecordDict, int, int]] = {}
@@ -301,9 +304,11 @@ class LowPrecisionStrategy(Strategy):
         # Arrival order varies; a fixed order makes float32 sums (and resumed runs) reproducible.
         candidates.sort(key=lambda c: c.reply.metadata.src_node_id)
         if with_arrays and reference is not None:
-            threshold = self.guard.clip_threshold([c.norm for c in candidates])
+            norms = [c.norm for c in candidates]
+            traffic.update_norm_ratios = [n / max(reference.norm, 1e-12) for n in norms]
+            threshold = self.guard.clip_threshold(norms)
             for c in candidates:
-                clipped = self.guard.clip(c.tensors, reference, c.norm, threshold)
+                clipped = self.guard.clip(c.tensors, reference.tensors, c.norm, threshold)
                 if clipped is not None:
                     log(
                         INFO,
@@ -334,7 +339,7 @@ class LowPrecisionStrategy(Strategy):
         node: int,
         reply: Message,
         with_arrays: bool,
-        reference: Mapping[str, torch.Tensor] | None,
+        reference: _Reference | None,
     ) -> _Candidate:
         """Decode and check one reply (raises naming the first problem)."""
         content = reply.content
@@ -349,7 +354,7 @@ class LowPrecisionStrategy(Strategy):
             raise WireFormatError(
                 f"metric {self.weight_key!r} must be in (0, {MAX_WEIGHT:.0e}], got {weight}"
             )
-        self.guard.check_weight(weight)
+        self.guard.check_weight(weight, training=with_arrays)
         if self.weighting == "uniform":
             weight = 1
         candidate = _Candidate(reply=reply, metrics=metrics, weight=weight)
@@ -373,7 +378,9 @@ class LowPrecisionStrategy(Strategy):
             max_bytes=self.max_update_bytes,
         )
         if reference is not None:
-            candidate.norm = self.guard.check_norm(candidate.tensors, reference)
+            candidate.norm = self.guard.check_norm(
+                candidate.tensors, reference.tensors, reference.norm
+            )
         return candidate
 
     def _fp32_equivalent(self, content: RecordDict, with_arrays: bool) -> int:
@@ -398,6 +405,14 @@ class LowPrecisionStrategy(Strategy):
         return self.traffic.setdefault(server_round, RoundTraffic())
 
 
+@dataclass(frozen=True)
+class _Reference:
+    """The model clients trained from this round, and its norm (see ``UpdateGuard``)."""
+
+    tensors: dict[str, torch.Tensor]
+    norm: float
+
+
 @dataclass
 class _Candidate:
     """A reply that passed the checks so far, with what was decoded from it."""
@@ -418,7 +433,8 @@ def _merge(inner: MetricRecord | None, ours: MetricRecord) -> MetricRecord:
 
 
 def _array(value: np.ndarray) -> Array:
-    return Array(np.ascontiguousarray(value))
+    # np.asarray keeps a 0-d array 0-d (np.ascontiguousarray would make it 1-d)
+    return Array(np.asarray(value, order="C"))
 
 
 def _fp32_record_bytes(template: Mapping[str, TensorSpec], key: str) -> int:

@@ -3,9 +3,10 @@
 Structural checks (names, shapes, dtypes, formats, finite values) live in ``quantization.wire``.
 This module bounds what a *valid-looking* update can do to the global model:
 
-* **Claimed weight.** A reply's ``num-examples`` may not exceed ``max_weight``, the most
-  examples any honest client can train on in a round (the largest partition's training
-  split times the local epochs, see ``task.data.max_train_examples``). A larger claim is a lie
+* **Claimed weight.** A training reply's ``num-examples`` may not exceed ``max_weight``, the
+  most examples any honest client can train on in a round (the largest partition's training
+  split times the local epochs, see ``task.data.max_client_examples``); an evaluation reply's
+  may not exceed ``max_eval_weight`` (the largest held-out split). A larger claim is a lie
   and the reply is rejected.
 * **Update norm, relative to the model the clients received.** With ``delta_i = w_i - w_ref``
   (float tensors only; integer buffers are counts), a reply is rejected when
@@ -37,32 +38,45 @@ class UpdateGuard:
     """Bounds on a reply's claimed weight and on its update's norm (0 or None: no bound)."""
 
     max_weight: float | None = None
+    max_eval_weight: float | None = None
     max_norm_ratio: float = 10.0
     clip_factor: float = 4.0
 
     def __post_init__(self) -> None:
-        if self.max_weight is not None and not self.max_weight > 0:
-            raise ValueError(f"max_weight must be > 0 or None, got {self.max_weight}")
+        for name in ("max_weight", "max_eval_weight"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 or None, got {value}")
         if not self.max_norm_ratio >= 0:
             raise ValueError(f"max_norm_ratio must be >= 0 (0 = off), got {self.max_norm_ratio}")
         if not (self.clip_factor == 0 or self.clip_factor >= 1):
             raise ValueError(f"clip_factor must be 0 (off) or >= 1, got {self.clip_factor}")
 
-    def check_weight(self, weight: float) -> None:
-        """Reject a claimed weight above ``max_weight``."""
-        if self.max_weight is not None and weight > self.max_weight:
+    def check_weight(self, weight: float, training: bool = True) -> None:
+        """Reject a claimed weight above ``max_weight`` (``max_eval_weight`` for evaluation)."""
+        cap = self.max_weight if training else self.max_eval_weight
+        if cap is not None and weight > cap:
+            what = "train on" if training else "evaluate on"
             raise RejectedUpdateError(
-                f"claims {weight:g} examples, more than any client can train on in a round "
-                f"({self.max_weight:g}; server.max_num_examples)"
+                f"claims {weight:g} examples, more than any client can {what} in a round "
+                f"({cap:g}; server.max_num_examples)"
             )
 
     def check_norm(
-        self, model: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]
+        self,
+        model: Mapping[str, torch.Tensor],
+        reference: Mapping[str, torch.Tensor],
+        reference_norm: float | None = None,
     ) -> float:
-        """``||model - reference||_2`` over float tensors; rejects it above the ratio bound."""
+        """``||model - reference||_2`` over float tensors; rejects it above the ratio bound.
+
+        ``reference_norm`` is ``model_norm(reference)`` when the caller has it already.
+        """
         norm = update_norm(model, reference)
         if self.max_norm_ratio > 0:
-            bound = self.max_norm_ratio * max(model_norm(reference), 1e-12)
+            if reference_norm is None:
+                reference_norm = model_norm(reference)
+            bound = self.max_norm_ratio * max(reference_norm, 1e-12)
             if not norm <= bound:
                 raise RejectedUpdateError(
                     f"update norm {norm:.4g} exceeds {self.max_norm_ratio:g} x the norm of the "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from omegaconf import DictConfig
 
 from federated_data import (
@@ -46,25 +48,29 @@ def client_data(
     return data.subset(train_idx), data.subset(test_idx)
 
 
-def max_train_examples(cfg: DictConfig, num_partitions: int) -> int:
-    """The most examples an honest client reports (``num-examples``) for one round.
+class ExampleBounds(NamedTuple):
+    """The most examples an honest client reports (``num-examples``) in one round."""
 
-    ``local_epochs`` times the largest training split of ``num_partitions`` partitions, and
-    at most ``max_steps * batch_size`` when steps are capped: the server's default bound on a
-    reply's claimed weight.
+    train: int
+    evaluate: int
+
+
+def max_client_examples(cfg: DictConfig, num_partitions: int) -> ExampleBounds:
+    """Bounds on honest ``num-examples`` claims: the server's default weight caps.
+
+    Training: ``local_epochs`` times the largest training split of ``num_partitions``
+    partitions, at most ``max_steps * batch_size`` when steps are capped. Evaluation: the
+    largest held-out split.
     """
     data = _load(cfg, train=True)
     parts = _partitions(cfg, num_partitions, data.labels.numpy())
     fraction = cfg.partition.test_fraction
-    largest = max(
-        len(train_test_split_indices(p, fraction, seed=cfg.seed + i)[0])
-        for i, p in enumerate(parts)
-    )
+    splits = [train_test_split_indices(p, fraction, seed=cfg.seed + i) for i, p in enumerate(parts)]
     t = cfg.train
-    examples = int(t.local_epochs) * largest
+    train = int(t.local_epochs) * max(len(train) for train, _ in splits)
     if int(t.max_steps) > 0:
-        examples = min(examples, int(t.max_steps) * int(t.batch_size))
-    return examples
+        train = min(train, int(t.max_steps) * int(t.batch_size))
+    return ExampleBounds(train=train, evaluate=max(len(test) for _, test in splits))
 
 
 def central_test_data(cfg: DictConfig) -> ImageData:

@@ -11,6 +11,7 @@ even on failure or Ctrl-C. Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import subprocess
@@ -24,6 +25,7 @@ LOCAL_SUPERLINK_PORTS = (39091, 39093)
 #: One CPU per simulated client (each trains with one torch thread): Flower's default of 2
 #: runs a single client at a time on a 2-core machine. Results do not depend on it.
 DEFAULT_FEDERATION_CONFIG = "client-resources-num-cpus=1"
+COMPLETED = "finished:completed"
 OFFLINE_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -66,6 +68,25 @@ def _write_connection_config(flwr_home: Path) -> None:
         )
 
 
+def last_run_status(flwr_home: Path) -> tuple[str, str]:
+    """(status, details) of the newest run the local SuperLink of ``flwr_home`` knows."""
+    listed = subprocess.run(
+        ["flwr", "list", "--format", "json"],
+        env=flwr_env(flwr_home),
+        cwd=PROJECT_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    try:
+        runs = json.loads(listed.stdout)["runs"]
+        newest = max(runs, key=lambda run: run["pending-at"])
+    except (ValueError, KeyError, TypeError) as err:
+        return "unknown", f"`flwr list` gave no run status ({err}): {listed.stderr[-500:]}"
+    return newest["status"], newest.get("status-details", "")
+
+
 def run_simulation(
     run_config: str = "",
     num_supernodes: int = 10,
@@ -74,7 +95,11 @@ def run_simulation(
     log_path: Path | None = None,
     extra_federation_config: str = DEFAULT_FEDERATION_CONFIG,
 ) -> int:
-    """``flwr run . --stream`` with ``num_supernodes`` simulated clients; returns its exit code."""
+    """``flwr run . --stream`` with ``num_supernodes`` simulated clients; returns an exit code.
+
+    0 only when the run finished as ``finished:completed``: ``flwr run`` itself exits 0 even
+    when the ServerApp raised, so a run that failed returns 1 and says why.
+    """
     flwr_home = (flwr_home or PROJECT_DIR / ".flwr_home").resolve()
     _write_connection_config(flwr_home)
     stop_local_superlink(flwr_home)  # a stale one would keep an old environment
@@ -99,7 +124,15 @@ def run_simulation(
             stderr=subprocess.STDOUT if out else None,
             check=False,
         )
-        return completed.returncode
+        if completed.returncode != 0:
+            return completed.returncode
+        # `flwr run --stream` exits 0 even when the run failed: ask the SuperLink how it ended.
+        status, details = last_run_status(flwr_home)
+        if status != COMPLETED:
+            message = f"the run ended with status {status}: {details}"
+            print(message, file=out or sys.stderr, flush=True)
+            return 1
+        return 0
     finally:
         if out:
             out.close()

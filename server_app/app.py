@@ -84,6 +84,7 @@ class RoundRecorder:
             fp32_downlink_bytes=traffic.fp32_downlink_bytes if traffic else 0,
             seconds=now - self.last_time,
             rejected_updates=len(traffic.rejected) if traffic else 0,
+            failed_clients=len(traffic.failed) if traffic else 0,
             clipped_updates=traffic.clipped if traffic else 0,
             max_update_norm_ratio=max(traffic.update_norm_ratios, default=0.0) if traffic else 0.0,
         )

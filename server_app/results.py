@@ -30,6 +30,8 @@ class RoundRow:
     fp32_downlink_bytes: int
     seconds: float
     rejected_updates: int = 0
+    #: Clients that replied with an error (their ClientApp raised, or the message timed out).
+    failed_clients: int = 0
     #: Accepted updates the server norm-clipped (server.update_clip_factor).
     clipped_updates: int = 0
     #: Largest ||w_client - w_broadcast|| / ||w_broadcast|| among accepted updates.
@@ -127,6 +129,8 @@ def format_row(row: RoundRow, num_rounds: int) -> str:
     )
     if row.rejected_updates:
         text += f"  rejected {row.rejected_updates}"
+    if row.failed_clients:
+        text += f"  failed {row.failed_clients}"
     if row.clipped_updates:
         text += f"  clipped {row.clipped_updates}"
     return text

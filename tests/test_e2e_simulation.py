@@ -49,3 +49,53 @@ def test_flwr_run_trains_8bit_fedavg_with_moving_average(tmp_path: Path) -> None
     assert all(t.isfinite().all() for t in weights.values() if t.is_floating_point())
     assert "round   3/3" in text and "accuracy" in text  # the per-round progress line
     assert "eval-accuracy" in text  # federated evaluation on the clients' held-out splits ran
+
+
+def test_flwr_run_trains_a_batchnorm_model_beyond_round_1(tmp_path: Path) -> None:
+    """ResNet-18 (BatchNorm buffers, 0-d num_batches_tracked) keeps learning after round 1."""
+    mnist_root()
+    out, home, log = tmp_path / "out", tmp_path / "flwr_home", tmp_path / "flwr.log"
+    overrides = (
+        "model=resnet18 federation.num_rounds=2 federation.num_clients=2 "
+        "federation.fraction_train=1 train.max_steps=2 server.max_eval_samples=200"
+    )
+    code = run_simulation(
+        run_config=f"overrides='{overrides}' output-dir='{out}'",
+        num_supernodes=2,
+        flwr_home=home,
+        timeout=600,
+        log_path=log,
+    )
+    text = log.read_text()
+    assert code == 0, text[-3000:]
+    rows = json.loads((out / "results.json").read_text())["rounds"]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:  # round 2 used to get only error replies: the broadcast was refused
+        assert row["failed_clients"] == 0 and row["rejected_updates"] == 0, row
+        assert row["uplink_bytes"] > 0, row
+    assert "WireFormatError" not in text
+    final = load_file(str(out / "model.safetensors"))
+    assert final["bn1.num_batches_tracked"].shape == ()
+    assert int(final["bn1.num_batches_tracked"]) == 4  # 2 steps in each of 2 rounds
+
+
+def test_flwr_run_whose_clients_never_reply_in_time_fails_with_a_clear_error(tmp_path: Path):
+    """A real round_timeout that expires: no update arrives, so the run stops and says why."""
+    out, home, log = tmp_path / "out", tmp_path / "flwr_home", tmp_path / "flwr.log"
+    overrides = (
+        "dataset=synthetic federation.num_rounds=4 federation.num_clients=2 "
+        "federation.round_timeout=0.01 server.max_failed_rounds=1"
+    )
+    code = run_simulation(
+        run_config=f"overrides='{overrides}' output-dir='{out}'",
+        num_supernodes=2,
+        flwr_home=home,
+        timeout=600,
+        log_path=log,
+    )
+    text = log.read_text()
+    assert code == 1, text[-3000:]
+    assert "the run ended with status finished:failed" in text
+    assert "no client update was accepted in the last 1 rounds" in text
+    rows = json.loads((out / "results.json").read_text())["rounds"]
+    assert [r["round"] for r in rows] == [0]  # it stopped in round 1, before recording it

@@ -87,12 +87,22 @@ class RoundRecorder:
             failed_clients=len(traffic.failed) if traffic else 0,
             clipped_updates=traffic.clipped if traffic else 0,
             max_update_norm_ratio=max(traffic.update_norm_ratios, default=0.0) if traffic else 0.0,
+            train_loss=_number(traffic.train_metrics.get("train-loss")) if traffic else None,
+            eval_loss=_number(traffic.evaluate_metrics.get("eval-loss")) if traffic else None,
+            eval_accuracy=_number(traffic.evaluate_metrics.get("eval-accuracy"))
+            if traffic
+            else None,
         )
         self.last_time = now
         self.writer.add(row)  # first the row, then the checkpoint: a resume never skips a row
         save_checkpoint(self.writer.output_dir, server_round, state, self.strategy)
         log(INFO, "%s", format_row(row, int(self.cfg.federation.num_rounds)))
         return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+
+def _number(value: object) -> float | None:
+    """A scalar metric as a float; None when absent (or a list)."""
+    return float(value) if isinstance(value, int | float) else None
 
 
 def _resume(

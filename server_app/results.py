@@ -36,6 +36,11 @@ class RoundRow:
     clipped_updates: int = 0
     #: Largest ||w_client - w_broadcast|| / ||w_broadcast|| among accepted updates.
     max_update_norm_ratio: float = 0.0
+    #: Clients' mean training loss, and federated evaluation on their held-out splits
+    #: (None when no client reported it, e.g. federation.fraction_evaluate=0).
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    eval_accuracy: float | None = None
 
 
 class ResultsWriter:
@@ -129,6 +134,8 @@ def format_row(row: RoundRow, num_rounds: int) -> str:
     )
     if row.rejected_updates:
         text += f"  rejected {row.rejected_updates}"
+    if row.eval_accuracy is not None:
+        text += f"  clients' accuracy {100 * row.eval_accuracy:6.2f}%"
     if row.failed_clients:
         text += f"  failed {row.failed_clients}"
     if row.clipped_updates:

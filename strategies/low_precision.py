@@ -59,6 +59,9 @@ class RoundTraffic:
     clipped: int = 0
     #: ``||w_i - w_ref|| / ||w_ref||`` of each accepted update (before clipping).
     update_norm_ratios: list[float] = field(default_factory=list)
+    #: The aggregated client metrics of the round's training and federated evaluation.
+    train_metrics: dict[str, float | list[float]] = field(default_factory=dict)
+    evaluate_metrics: dict[str, float | list[float]] = field(default_factory=dict)
 
 
 class FederationStalledError(RuntimeError):
@@ -227,6 +230,7 @@ class LowPrecisionStrategy(Strategy):
         self.failed_rounds = 0
         arrays, inner_metrics = self.inner.aggregate_train(server_round, accepted)
         merged = _merge(inner_metrics, aggregate_metrics(metrics, weights, self.weight_key))
+        self._traffic(server_round).train_metrics = dict(merged.items())
         if arrays is None:
             return None, merged
         model = {name: self._as_template(name, arrays[name].numpy()) for name in arrays}
@@ -242,7 +246,9 @@ class LowPrecisionStrategy(Strategy):
         if not metrics:
             return None
         inner_metrics = self.inner.aggregate_evaluate(server_round, accepted)
-        return _merge(inner_metrics, aggregate_metrics(metrics, weights, self.weight_key))
+        merged = _merge(inner_metrics, aggregate_metrics(metrics, weights, self.weight_key))
+        self._traffic(server_round).evaluate_metrics = dict(merged.items())
+        return merged
 
     def _no_update(self, server_round: int) -> None:
         self.failed_rounds += 1

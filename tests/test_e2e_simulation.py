@@ -48,7 +48,11 @@ def test_flwr_run_trains_8bit_fedavg_with_moving_average(tmp_path: Path) -> None
     weights = load_file(str(out / "model.safetensors"))
     assert all(t.isfinite().all() for t in weights.values() if t.is_floating_point())
     assert "round   3/3" in text and "accuracy" in text  # the per-round progress line
-    assert "eval-accuracy" in text  # federated evaluation on the clients' held-out splits ran
+    # federated evaluation on the clients' held-out splits ran and was recorded each round
+    assert all(0 <= r["eval_accuracy"] <= 1 and r["eval_loss"] > 0 for r in rows[1:]), rows
+    assert rows[-1]["eval_accuracy"] > 0.4, rows
+    assert all(r["train_loss"] > 0 for r in rows[1:]), rows
+    assert rows[0]["eval_accuracy"] is None  # round 0 is the initial model: nothing ran
 
 
 def test_flwr_run_trains_a_batchnorm_model_beyond_round_1(tmp_path: Path) -> None:

@@ -46,6 +46,7 @@ from tests.test_strategy import (
     FakeGrid,
     _client_state,
     _content,
+    _initial,
     _reply,
     _requests,
     _strategy,
@@ -553,3 +554,38 @@ def test_a_replayed_reply_counts_once():
     assert "second reply" in strategy.traffic[1].rejected[0]
     expected, _ = _reference_aggregate(_honest)
     assert _arrays_equal(arrays, expected)
+
+
+# ----------------------------------------------------------------------------- robust inner
+@pytest.mark.parametrize(
+    ("inner", "clients", "resists"),
+    [
+        ("FedAvg", 5, False),
+        ("FedMedian", 3, True),
+        ("FedTrimmedAvg", 3, False),  # beta=0.2 trims int(0.2 * 3) = 0 per side
+        ("FedTrimmedAvg", 5, True),  # trims 1 per side
+    ],
+)
+def test_which_inner_strategies_resist_one_bad_client_on_their_own(inner, clients, resists):
+    """With the server's own guard off: what the README says of each inner strategy."""
+    from flwr.serverapp import strategy as flwr_strategies
+
+    nodes = list(range(11, 11 + clients))
+    strategy = _strategy(
+        inner=getattr(flwr_strategies, inner)(fraction_train=1.0, min_available_nodes=1),
+        guard=UpdateGuard(max_norm_ratio=0, clip_factor=0),
+    )
+    grid = FakeGrid(nodes)
+    requests = sorted(
+        strategy.configure_train(1, _initial(_template()), ConfigRecord(), grid),
+        key=lambda m: m.metadata.dst_node_id,
+    )
+    for m in requests:
+        m.metadata.__dict__["_message_id"] = f"request-{m.metadata.dst_node_id}"
+    replies = _honest(requests[:-1])
+    bad = {k: v * 1e6 if v.is_floating_point() else v for k, v in _template().items()}
+    replies.append(_reply(requests[-1], _content(bad)))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert strategy.traffic[1].rejected == []  # it passes every format check
+    largest = max(float(np.abs(arrays[k].numpy()).max()) for k in FLOATS)
+    assert (largest < 10) == resists, largest

@@ -44,7 +44,9 @@ _SPECS: dict[str, _Spec] = {
         "CIFAR100", "cifar-100-python", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
     ),
 }
-DATASET_NAMES: tuple[str, ...] = (*_SPECS, "synthetic")
+#: Synthetic sets (no download): name -> (channels, side), MNIST's and CIFAR's shapes.
+_SYNTHETIC_SHAPES: dict[str, tuple[int, int]] = {"synthetic": (1, 28), "synthetic_rgb": (3, 32)}
+DATASET_NAMES: tuple[str, ...] = (*_SPECS, *_SYNTHETIC_SHAPES)
 
 
 def resolve_data_root(root: str | os.PathLike[str] | None = None) -> str:
@@ -66,13 +68,16 @@ def load_image_data(
         raise ValueError(f"Unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
     if pad_to is not None and pad_to < 1:
         raise ValueError(f"pad_to must be a positive image size or None; got {pad_to}")
-    resolved = "" if key == "synthetic" else resolve_data_root(root)
+    resolved = "" if key in _SYNTHETIC_SHAPES else resolve_data_root(root)
     return _load_cached(key, resolved, bool(train), pad_to)
 
 
 @functools.lru_cache(maxsize=16)
 def _load_cached(name: str, root: str, train: bool, pad_to: int | None) -> ImageData:
-    data = _synthetic(train) if name == "synthetic" else _torchvision(name, root, train)
+    if name in _SYNTHETIC_SHAPES:
+        data = _synthetic(train, *_SYNTHETIC_SHAPES[name])
+    else:
+        data = _torchvision(name, root, train)
     return _pad(data, pad_to) if pad_to is not None else data
 
 
@@ -129,15 +134,17 @@ def _pad(data: ImageData, pad_to: int) -> ImageData:
     return ImageData(images, data.labels, data.mean, data.std, data.num_classes)
 
 
-def _synthetic(train: bool) -> ImageData:
-    """Deterministic 10-class 1x28x28 set: a blocky random prototype per class plus noise."""
-    num_classes, side, block = 10, 28, 4
+def _synthetic(train: bool, channels: int = 1, side: int = 28) -> ImageData:
+    """Deterministic 10-class ``channels x side x side`` set: a blocky random prototype per
+    class plus noise (1x28x28 like MNIST, or 3x32x32 like CIFAR)."""
+    num_classes, block = 10, 4
     proto_rng = np.random.default_rng(12345)
-    coarse = proto_rng.random((num_classes, 1, side // block, side // block)) < 0.4
+    coarse = proto_rng.random((num_classes, channels, side // block, side // block)) < 0.4
     prototypes = np.kron(coarse, np.ones((block, block))) * 170.0 + 40.0
     train_images, train_labels = _synthetic_split(prototypes, SYNTHETIC_TRAIN_SIZE, seed=1)
-    mean = float(train_images.mean() / 255.0)
-    std = float(train_images.std() / 255.0)
+    axes = (0, 2, 3)  # per-channel statistics, as the torchvision specs give them
+    mean = tuple(round(float(m), 4) for m in train_images.mean(axis=axes) / 255.0)
+    std = tuple(round(float(s), 4) for s in train_images.std(axis=axes) / 255.0)
     if train:
         images, labels = train_images, train_labels
     else:
@@ -145,8 +152,8 @@ def _synthetic(train: bool) -> ImageData:
     return ImageData(
         images=torch.from_numpy(images),
         labels=torch.from_numpy(labels),
-        mean=(round(mean, 4),),
-        std=(round(std, 4),),
+        mean=mean,
+        std=std,
         num_classes=num_classes,
     )
 

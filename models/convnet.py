@@ -5,9 +5,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+NORMS = ("instance", "batch")
+
 
 class ConvNet(nn.Module):
-    """`depth` x [Conv3x3 -> GroupNorm(width, width) -> ReLU -> AvgPool2d(2)], Flatten, Linear."""
+    """`depth` x [Conv3x3 -> norm -> ReLU -> AvgPool2d(2)], Flatten, Linear.
+
+    ``norm="instance"`` is the paper's instance norm (``GroupNorm(width, width)``, no buffers);
+    ``norm="batch"`` uses ``BatchNorm2d``, whose running statistics and counter travel with the
+    model (a small model with buffers, as in FedBN-style setups).
+    """
 
     def __init__(
         self,
@@ -16,16 +23,19 @@ class ConvNet(nn.Module):
         width: int = 128,
         depth: int = 3,
         image_size: int = 32,
+        norm: str = "instance",
     ) -> None:
         super().__init__()
         if depth < 1 or width < 1:
             raise ValueError(f"depth and width must be >= 1; got depth={depth}, width={width}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}; got {norm!r}")
         layers: list[nn.Module] = []
         channels, side = in_channels, image_size
         for _ in range(depth):
             layers += [
                 nn.Conv2d(channels, width, kernel_size=3, padding=1),
-                nn.GroupNorm(width, width),
+                nn.GroupNorm(width, width) if norm == "instance" else nn.BatchNorm2d(width),
                 nn.ReLU(),
                 nn.AvgPool2d(2),
             ]

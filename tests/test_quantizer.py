@@ -46,7 +46,7 @@ def _bits_of(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout,block_size", LAYOUTS)
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
-@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest", "up"])
 def test_matches_reference_formula(backend, layout, block_size, bits, rounding):
     fmt = BlockFloat(bits, layout=layout, rounding=rounding, block_size=block_size)
     x = torch.randn(6, 5, 3, 3, generator=torch.Generator().manual_seed(bits)) * 4

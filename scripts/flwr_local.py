@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -87,18 +88,17 @@ def last_run_status(flwr_home: Path) -> tuple[str, str]:
     return newest["status"], newest.get("status-details", "")
 
 
-def run_simulation(
+def start_simulation(
     run_config: str = "",
     num_supernodes: int = 10,
     flwr_home: Path | None = None,
-    timeout: float | None = None,
     log_path: Path | None = None,
     extra_federation_config: str = DEFAULT_FEDERATION_CONFIG,
-) -> int:
-    """``flwr run . --stream`` with ``num_supernodes`` simulated clients; returns an exit code.
+) -> subprocess.Popen:
+    """Start ``flwr run . --stream`` on a fresh private local SuperLink; returns the process.
 
-    0 only when the run finished as ``finished:completed``: ``flwr run`` itself exits 0 even
-    when the ServerApp raised, so a run that failed returns 1 and says why.
+    Its output goes to ``log_path`` (else this process's stdout). Stop it with
+    ``stop_local_superlink`` (or ``kill_local_superlink``, the ``kill -9`` of a crash).
     """
     flwr_home = (flwr_home or PROJECT_DIR / ".flwr_home").resolve()
     _write_connection_config(flwr_home)
@@ -115,27 +115,57 @@ def run_simulation(
         command += ["--run-config", run_config]
     out = log_path.open("w") if log_path else None
     try:
-        completed = subprocess.run(
+        return subprocess.Popen(
             command,
             env=flwr_env(flwr_home),
             cwd=PROJECT_DIR,
-            timeout=timeout,
             stdout=out,
             stderr=subprocess.STDOUT if out else None,
-            check=False,
         )
-        if completed.returncode != 0:
-            return completed.returncode
+    finally:
+        if out:
+            out.close()  # the child keeps its own descriptor
+
+
+def kill_local_superlink(flwr_home: Path) -> None:
+    """``kill -9`` the SuperLink of ``flwr_home`` and everything it spawned (a crash)."""
+    terminate(superlink_pids(flwr_home.resolve()), grace=5.0, signals=(signal.SIGKILL,))
+
+
+def run_simulation(
+    run_config: str = "",
+    num_supernodes: int = 10,
+    flwr_home: Path | None = None,
+    timeout: float | None = None,
+    log_path: Path | None = None,
+    extra_federation_config: str = DEFAULT_FEDERATION_CONFIG,
+) -> int:
+    """``flwr run . --stream`` with ``num_supernodes`` simulated clients; returns an exit code.
+
+    0 only when the run finished as ``finished:completed``: ``flwr run`` itself exits 0 even
+    when the ServerApp raised, so a run that failed returns 1 and says why.
+    """
+    flwr_home = (flwr_home or PROJECT_DIR / ".flwr_home").resolve()
+    process = start_simulation(
+        run_config, num_supernodes, flwr_home, log_path, extra_federation_config
+    )
+    try:
+        code = process.wait(timeout=timeout)
+        if code != 0:
+            return code
         # `flwr run --stream` exits 0 even when the run failed: ask the SuperLink how it ended.
         status, details = last_run_status(flwr_home)
         if status != COMPLETED:
             message = f"the run ended with status {status}: {details}"
-            print(message, file=out or sys.stderr, flush=True)
+            if log_path:
+                with log_path.open("a") as log:
+                    print(message, file=log)
+            print(message, file=sys.stderr, flush=True)
             return 1
         return 0
     finally:
-        if out:
-            out.close()
+        if process.poll() is None:
+            process.kill()
         stop_local_superlink(flwr_home)
 
 

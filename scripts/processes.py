@@ -51,10 +51,17 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def terminate(pids: Iterable[int], grace: float = 5.0) -> None:
-    """SIGTERM ``pids`` (and their descendants), then SIGKILL what is left after ``grace``."""
+def terminate(
+    pids: Iterable[int],
+    grace: float = 5.0,
+    signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGKILL),
+) -> None:
+    """SIGTERM ``pids`` (and their descendants), then SIGKILL what is left after ``grace``.
+
+    ``signals=(signal.SIGKILL,)`` is ``kill -9``: no process gets to clean up.
+    """
     everything = list(dict.fromkeys(p for pid in pids for p in (pid, *children(pid))))
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig in signals:
         for pid in [p for p in everything if alive(p)]:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)

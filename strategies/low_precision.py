@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import uuid
 from collections.abc import Iterable, Mapping
@@ -276,7 +278,7 @@ class LowPrecisionStrategy(Strategy):
 
         Accepted replies carry only dequantized float32 arrays (norm-clipped, see
         ``UpdateGuard``) and a MetricRecord with the weight; the full metrics come back
-        separately, in the same order as the valid replies (sorted by node id).
+        separately, in the same order as the valid replies (sorted by content).
         """
         traffic = self._traffic(server_round)
         reference = self._references.get(server_round) if with_arrays else None
@@ -307,8 +309,9 @@ class LowPrecisionStrategy(Strategy):
                 reason = f"node {node}: {err}"
                 traffic.rejected.append(reason)
                 log(WARNING, "Round %d: rejected the reply from %s", server_round, reason)
-        # Arrival order varies; a fixed order makes float32 sums (and resumed runs) reproducible.
-        candidates.sort(key=lambda c: c.reply.metadata.src_node_id)
+        # Arrival order varies, and node ids change when a run is resumed or redeployed: order
+        # by content, so float32 sums (and resumed runs) are reproducible bit for bit.
+        candidates.sort(key=lambda c: content_digest(c.reply.content))
         if with_arrays and reference is not None:
             norms = [c.norm for c in candidates]
             traffic.update_norm_ratios = [n / max(reference.norm, 1e-12) for n in norms]
@@ -428,6 +431,22 @@ class _Candidate:
     weight: float
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     norm: float = 0.0
+
+
+def content_digest(content: RecordDict) -> bytes:
+    """A digest of a reply's arrays and metrics, independent of who sent it and when.
+
+    Replies are aggregated in the order of this digest (of the reply as received): the same
+    replies give the same float32 sums whatever their node ids and arrival order.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for record_name, record in sorted(content.array_records.items()):
+        h.update(record_name.encode())
+        for name, array in record.items():
+            h.update(name.encode() + b"\0" + array.dtype.encode() + bytes(array.data))
+    for record_name, record in sorted(content.metric_records.items()):
+        h.update(json.dumps([record_name, sorted(record.items())]).encode())
+    return h.digest()
 
 
 def _merge(inner: MetricRecord | None, ours: MetricRecord) -> MetricRecord:

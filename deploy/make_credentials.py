@@ -154,8 +154,13 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 def _write(path: Path, data: bytes, private: bool, force: bool) -> None:
     if path.exists() and not force:
         raise FileExistsError(f"{path} exists: pass --force to overwrite")
-    path.write_bytes(data)
-    os.chmod(path, 0o600 if private else 0o644)
+    mode = 0o600 if private else 0o644
+    # Created with its final mode, so a private key is never readable by others, not even
+    # between writing and chmod (O_CREAT applies the mode only to a new file: chmod as well).
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), mode)
+        f.write(data)
 
 
 def make_credentials(

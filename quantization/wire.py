@@ -96,7 +96,8 @@ def encode_tensors(
             arrays[name + EXPONENT_SUFFIX] = Array(exponents)
             formats[name] = _describe(value.shape, value.fmt)
         else:
-            arrays[name] = Array(np.ascontiguousarray(value.detach().cpu().numpy()))
+            # np.asarray keeps a 0-d array 0-d (np.ascontiguousarray would make it 1-d)
+            arrays[name] = Array(np.asarray(value.detach().cpu().numpy(), order="C"))
             formats[name] = json.dumps({"shape": list(value.shape)})
     return ArrayRecord(arrays), ConfigRecord(formats)
 
@@ -253,7 +254,7 @@ def _read_one(
         except ValueError as err:
             raise WireFormatError(f"{name!r}: {err}") from None
     array = _numpy(name, arrays[name])
-    if shape == () and array.shape == (1,):  # Flower stores 0-d arrays as 1-d
+    if shape == () and array.shape == (1,):  # older senders sent 0-d arrays as 1-d
         array = array.reshape(())
     if tuple(array.shape) != shape:
         raise WireFormatError(f"{name!r} holds shape {array.shape}, described as {shape}")

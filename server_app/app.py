@@ -132,7 +132,10 @@ def _resume(
             "train further)"
         )
     names = list(template)
-    restore(checkpoint, strategy, names)
+    try:
+        restore(checkpoint, strategy, names)
+    except (KeyError, ValueError, TypeError) as err:
+        raise CheckpointError(f"cannot resume from {path}: {err}") from None
     strategy.round_offset = checkpoint.round
     writer.load_rows(up_to=checkpoint.round)
     log(INFO, "Resuming after round %d from %s", checkpoint.round, path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +31,9 @@ from server_app.app import main
 from server_app.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore, save_checkpoint
 from strategies.factory import INNER_STRATEGIES, build_strategy
 from strategies.state import state_attributes
+from task import verified_file
 from task.config import load_config
+from task.verified_file import load_verified
 from tests.flower_harness import InProcessGrid, task_identity
 
 NUM_NODES = 4
@@ -143,12 +146,61 @@ def test_killed_run_resumes_to_the_same_final_state(
         assert _differing_tensors(whole, forgetful) != []
 
 
-def test_checkpoint_is_replaced_atomically(tmp_path: Path) -> None:
+class _OsDyingAtTheRename:
+    """``os`` as ``task.verified_file`` sees it, with the process killed inside ``os.replace``."""
+
+    def __init__(self) -> None:
+        self.renames: list[tuple[Path, Path]] = []
+
+    def __getattr__(self, name: str):
+        return getattr(os, name)
+
+    def replace(self, src, dst) -> None:
+        self.renames.append((Path(src), Path(dst)))
+        raise KilledError("killed between writing the new checkpoint and renaming it")
+
+
+def _same_arrays(a: dict[str, np.ndarray] | None, b: dict[str, np.ndarray] | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and np.array_equal(a[k], b[k])
+        for k in a
+    )
+
+
+def test_checkpoint_is_replaced_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _run(tmp_path, extra="federation.num_rounds=1")
-    assert (tmp_path / CHECKPOINT_NAME).exists()
+    path = tmp_path / CHECKPOINT_NAME
     assert not list(tmp_path.glob("*.tmp"))
-    checkpoint = load_checkpoint(tmp_path)
-    assert checkpoint.round == 1 and checkpoint.average is not None
+    old_bytes = path.read_bytes()
+    old = load_checkpoint(tmp_path)
+    assert old.round == 1 and old.average is not None
+
+    # Resume for a second round and die after the round-2 checkpoint is written, before the
+    # rename that would put it in place.
+    dying = _OsDyingAtTheRename()
+    monkeypatch.setattr(verified_file, "os", dying)
+    with pytest.raises(KilledError):
+        _run(tmp_path, extra="federation.num_rounds=2 server.resume=true")
+    # The old checkpoint is untouched, byte for byte, and loads with its original values...
+    assert path.read_bytes() == old_bytes
+    survivor = load_checkpoint(tmp_path)
+    assert (survivor.round, survivor.num_updates) == (old.round, old.num_updates)
+    assert survivor.lineage == old.lineage and survivor.random_state == old.random_state
+    assert _same_arrays(survivor.model, old.model) and _same_arrays(survivor.average, old.average)
+    assert survivor.strategy_class == old.strategy_class
+    # ... while the new one had been written in full, to the side, when the rename died.
+    tmp = path.with_name(path.name + ".tmp")
+    assert dying.renames == [(tmp, path)]
+    _, written = load_verified(tmp)
+    assert written["round"] == "2"
+
+    # Resuming again (the crash over) continues from round 1 and replaces it cleanly.
+    monkeypatch.undo()
+    _run(tmp_path, extra="federation.num_rounds=2 server.resume=true")
+    assert load_checkpoint(tmp_path).round == 2
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_resume_without_checkpoint_says_what_to_do(tmp_path: Path) -> None:
@@ -193,15 +245,26 @@ def test_strategy_state_round_trips_through_the_checkpoint(tmp_path: Path, name:
     *filled, left_none = list(attributes) or [None]
     for seed, attribute in enumerate(filled):
         setattr(saved.inner, attribute, _example(attributes[attribute], seed))
+    # Every strategy, stateless or not, also resumes the server's moving average.
+    average = {"w": MODEL["w"] * 0.25 + 1, "n": np.array(3, dtype=np.int64)}
+    saved.moving_average.average = {k: v.copy() for k, v in average.items()}
+    saved.moving_average.num_updates = 5
 
     save_checkpoint(tmp_path, 2, MODEL, saved)
     checkpoint = load_checkpoint(tmp_path)
     resumed = _strategy(name)
     for attribute in filled:  # a fresh strategy holds something else, or nothing
         assert _plain(getattr(resumed.inner, attribute)) != _plain(getattr(saved.inner, attribute))
+    assert resumed.moving_average.average is None and resumed.lineage != saved.lineage
     restore(checkpoint, resumed, list(MODEL))
 
+    assert checkpoint.round == 2
+    assert sorted(_plain(checkpoint.model)) == sorted(_plain(MODEL))  # values, dtypes, shapes
     assert {k: v.shape for k, v in checkpoint.model.items()} == {"w": (2, 3), "n": ()}
+    assert list(resumed.moving_average.average) == list(MODEL)  # the model's tensor order
+    assert sorted(_plain(resumed.moving_average.average)) == sorted(_plain(average))
+    assert resumed.moving_average.num_updates == 5
+    assert resumed.lineage == saved.lineage
     for attribute in attributes:
         before, after = getattr(saved.inner, attribute), getattr(resumed.inner, attribute)
         assert type(after) is type(before), attribute
@@ -209,6 +272,9 @@ def test_strategy_state_round_trips_through_the_checkpoint(tmp_path: Path, name:
     if left_none is not None:
         assert getattr(resumed.inner, left_none) is None
         assert checkpoint.strategy_none == (left_none,)
+    else:  # a stateless strategy: nothing of it is saved, and restoring changes none of it
+        assert checkpoint.strategy == {} and checkpoint.strategy_none == ()
+        assert checkpoint.strategy_class == type(saved.inner).__name__
 
 
 def test_checkpoint_of_another_strategy_is_refused(tmp_path: Path) -> None:

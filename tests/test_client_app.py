@@ -118,12 +118,21 @@ def test_train_reply_carries_quantized_weights_and_metrics():
     arrays, formats = content["arrays"], content["arrays-format"]
     _, global_state = _global_model(run_config)
     assert set(formats.keys()) == set(global_state)
+    q = load_config(run_config).quantization
+    fmt = BlockFloat(8, layout=q.weight_layout, block_size=int(q.block_size))
     for name, t in global_state.items():
         mantissas = arrays[name].numpy()
         assert mantissas.dtype == np.int8 and mantissas.size == t.numel(), name
-        assert arrays[name + "::exponents"].numpy().dtype == np.int8, name
+        exponents = arrays[name + "::exponents"].numpy()
+        assert exponents.dtype == np.int8, name
+        assert exponents.size == fmt.num_blocks(tuple(t.shape)), name
         description = json.loads(formats[name])
-        assert description["bits"] == 8 and tuple(description["shape"]) == tuple(t.shape)
+        assert description == {
+            "shape": list(t.shape),
+            "bits": 8,
+            "layout": q.weight_layout,
+            "block_size": int(q.block_size),
+        }, name
     metrics = content["metrics"]
     assert metrics["num-examples"] == 2 * 32  # max_steps x batch_size
     assert metrics["train-steps"] == 2
@@ -132,18 +141,67 @@ def test_train_reply_carries_quantized_weights_and_metrics():
     assert metrics["optimizer-state-bytes"] > 0
 
 
-def test_uplink_weights_are_on_the_8bit_grid_and_trained():
-    run_config = _run_config()
-    message = _message(run_config)
+def _on_grid(t: torch.Tensor, fmt: BlockFloat) -> bool:
+    """Whether ``t`` is exactly representable in ``fmt`` (nearest re-quantization is a no-op)."""
+    nearest = BlockFloat(fmt.bits, layout=fmt.layout, rounding="nearest", block_size=fmt.block_size)
+    return torch.equal(quantize(t, nearest), t)
+
+
+def _uneven_global_state(run_config: dict) -> dict[str, torch.Tensor]:
+    """The initial model with small weights where the two layouts' blocks disagree.
+
+    Freshly initialised weights have about the same magnitude everywhere, so every block gets
+    the same exponent and the block and auto grids coincide. Here the classifier's first 32
+    inputs (whole ``block`` blocks inside one per-row ``auto`` block) and every other 3x3 kernel
+    of the second conv (``auto`` blocks inside 32-element runs) are 16 times smaller: each
+    layout then has elements on a finer grid than the other's.
+    """
+    _, state = _global_model(run_config)
+    state["classifier.weight"][:, :32] /= 16
+    state["features.3.weight"][:, ::2] /= 16
+    return state
+
+
+#: The tensor whose values the other layout cannot hold, for each configured layout.
+_OFF_THE_OTHER_GRID = {"block": "classifier.weight", "auto": "features.3.weight"}
+
+
+@pytest.mark.parametrize(("layout", "block_size"), [("block", 32), ("block", 16), ("auto", 32)])
+def test_uplink_is_in_the_configured_layout_and_on_its_grid(layout, block_size):
+    run_config = _run_config(
+        f"quantization.weight_layout={layout} quantization.block_size={block_size}"
+    )
+    state = _uneven_global_state(run_config)
+    message = _message(run_config, state=state)
     reply = client_app(message, _context(run_config))
+
+    arrays, formats = reply.content["arrays"], reply.content["arrays-format"]
+    configured = BlockFloat(8, layout=layout, block_size=block_size)
+    other = BlockFloat(8, layout="auto" if layout == "block" else "block", block_size=block_size)
+    for name, t in state.items():
+        shape = tuple(t.shape)
+        assert json.loads(formats[name]) == {
+            "shape": list(shape),
+            "bits": 8,
+            "layout": layout,
+            "block_size": block_size,
+        }, name
+        exponents = arrays[name + "::exponents"].numpy()
+        assert exponents.size == configured.num_blocks(shape), name
+    # The two layouts give these tensors different numbers of exponents: the count pins it.
+    assert configured.num_blocks((10, 1568)) != other.num_blocks((10, 1568))
+    assert configured.num_blocks((32, 16, 3, 3)) != other.num_blocks((32, 16, 3, 3))
 
     uplink = _uplink(reply, run_config)
     received = _received(message)
-    grid = BlockFloat(8, layout="auto", rounding="nearest")
     for name, t in uplink.items():
         assert t.dtype == torch.float32
-        assert torch.equal(quantize(t, grid), t), name  # already on the grid
-    assert _distance(uplink, received) > 0  # it trained
+        assert _on_grid(t, configured), name  # already on the configured grid
+        assert not torch.equal(t, received[name]), name  # it trained
+    # Trained in the other layout (or re-rounded into it), this tensor would lie on its grid.
+    off = _OFF_THE_OTHER_GRID[layout]
+    assert not _on_grid(uplink[off], other), off
+    assert not _on_grid(received[off], other), off  # the broadcast was in the configured layout
 
 
 def test_train_is_deterministic():

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.cli.supernode.register import try_load_public_key
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
@@ -133,7 +135,60 @@ def test_cli_writes_the_requested_number_of_keys(tmp_path: Path, capsys) -> None
         "supernode-2.pub",
     ]
     assert "keep it secret" in capsys.readouterr().out
+
+
+def _fingerprints(creds: Path, supernodes: int) -> dict[str, bytes]:
+    """SHA-256 fingerprints of the CA and server certificates and of each SuperNode key."""
+    prints = {
+        name: _cert(creds / name).fingerprint(hashes.SHA256()) for name in ("ca.crt", "server.pem")
+    }
+    for i in range(supernodes):
+        prints[f"supernode-{i}.pub"] = try_load_public_key(creds / f"supernode-{i}.pub")
+    return prints
+
+
+def test_force_regenerates_the_files_and_without_it_they_are_kept(tmp_path: Path, capsys) -> None:
+    main([str(tmp_path), "--supernodes", "2", "--host", "10.0.0.1"])
+    old_bytes = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    old_prints = _fingerprints(tmp_path, 2)
+    capsys.readouterr()
+
+    # Without --force: refused, nothing rewritten.
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path), "--supernodes", "2"])
+    assert exit_info.value.code == 2
+    assert "--force" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == old_bytes
+
     main([str(tmp_path), "--supernodes", "1", "--force"])
+    new_bytes = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    new_prints = _fingerprints(tmp_path, 1)
+    regenerated = ["ca.crt", "ca.key", "server.pem", "server.key"]
+    regenerated += ["supernode-0.key", "supernode-0.pub"]
+    for name in regenerated:  # every file this run writes is new
+        assert new_bytes[name] != old_bytes[name], name
+    for name, fingerprint in new_prints.items():
+        assert fingerprint != old_prints[name], name
+    # Key pair 1 was not asked for: it is left as it was.
+    for name in ("supernode-1.key", "supernode-1.pub"):
+        assert new_bytes[name] == old_bytes[name], name
+    # The new files belong together (and not with the old CA), with private modes kept.
+    ca, server = _cert(tmp_path / "ca.crt"), _cert(tmp_path / "server.pem")
+    server.verify_directly_issued_by(ca)
+    old_ca = x509.load_pem_x509_certificate(old_bytes["ca.crt"])
+    with pytest.raises((ValueError, InvalidSignature)):
+        server.verify_directly_issued_by(old_ca)
+    server_key = serialization.load_pem_private_key(new_bytes["server.key"], password=None)
+    assert public_key_to_bytes(server_key.public_key()) == public_key_to_bytes(server.public_key())
+    for name in regenerated:
+        mode = stat.S_IMODE((tmp_path / name).stat().st_mode)
+        assert mode == (0o600 if name.endswith(".key") else 0o644), name
+    args = argparse.Namespace(
+        auth_supernode_private_key=str(tmp_path / "supernode-0.key"),
+        auth_supernode_public_key=None,
+    )
+    _, public = _try_setup_client_authentication(args)
+    assert public_key_to_bytes(public) == new_prints["supernode-0.pub"]
 
 
 def test_keys_only_adds_supernode_keys_and_keeps_the_ca(tmp_path: Path) -> None:
@@ -146,3 +201,25 @@ def test_keys_only_adds_supernode_keys_and_keeps_the_ca(tmp_path: Path) -> None:
     assert try_load_public_key(creds / "supernode-2.pub")
     with pytest.raises(FileExistsError):
         make_credentials(creds, 1, keys_only=True, first_index=2)
+
+
+def test_private_keys_are_never_readable_by_others_while_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mode is set when the file is created, not by a chmod after its bytes are written."""
+    import deploy.make_credentials as module
+
+    modes: dict[str, int] = {}
+    real_fdopen = module.os.fdopen
+
+    def fdopen(fd, *args, **kwargs):
+        handle = real_fdopen(fd, *args, **kwargs)
+        path = Path(f"/proc/self/fd/{fd}").resolve()
+        modes[path.name] = stat.S_IMODE(module.os.fstat(fd).st_mode)
+        return handle
+
+    monkeypatch.setattr(module.os, "fdopen", fdopen)
+    make_credentials(tmp_path, 1)
+    keys = {name: mode for name, mode in modes.items() if name.endswith(".key")}
+    assert set(keys) >= {"ca.key", "server.key", "supernode-0.key"}, modes
+    assert all(mode == 0o600 for mode in keys.values()), keys

@@ -8,7 +8,8 @@ from torch import nn
 
 from models import ConvNet, resnet18_cifar
 from quantization import FP32, BlockFloat, attach_quantizers, quantize
-from quantization.fake_quant import QUANTIZED_OUTPUT_TYPES
+from quantization.fake_quant import QUANTIZED_OUTPUT_TYPES, quantize_flow
+from tests.reference_bfp import reference_quantize
 
 ACTIVATION = BlockFloat(8, layout="tensor", rounding="stochastic")
 ERROR = BlockFloat(6, layout="tensor", rounding="stochastic")
@@ -141,11 +142,56 @@ def test_full_precision_formats_have_no_effect():
         assert torch.equal(p.grad, p_ref.grad)
 
 
+def _blocks_of(t: torch.Tensor, block_size: int) -> list[torch.Tensor]:
+    flat = t.reshape(-1)
+    return [flat[i : i + block_size] for i in range(0, flat.numel(), block_size)]
+
+
 @pytest.mark.parametrize("bits", [4, 8])
-def test_block_layout_activations(bits):
+def test_block_layout_activations_and_errors(bits):
     fmt = BlockFloat(bits, layout="block", block_size=32)
+    error_fmt = BlockFloat(bits, layout="block", rounding="nearest", block_size=32)
     model = _convnet()
-    attach_quantizers(model, fmt, fmt, torch.Generator().manual_seed(0))
+    conv = model.features[0]
+    quantized: dict[str, torch.Tensor] = {}
+    _capture_output_grad(conv, quantized)  # before the quantizer: the error it lets through
+    attach_quantizers(model, fmt, error_fmt, torch.Generator().manual_seed(0))
+    raw: dict[str, torch.Tensor] = {}
+    _capture_output_grad(conv, raw)  # after it (sees its output): the error arriving at it
     out = model(_inputs())
     assert _on_grid(out, fmt)
-    out.sum().backward()
+    out.square().sum().backward()
+
+    # The error is quantized block by block: each run of 32 elements is the formula's
+    # quantization of that run on its own (the loop-over-blocks reference), with its own exponent.
+    error, incoming = quantized["grad"], raw["grad"]
+    assert incoming.abs().max() > 0 and not torch.equal(error, incoming)
+    expected, exponents = reference_quantize(incoming, error_fmt)
+    assert torch.equal(error, torch.from_numpy(expected).to(torch.float32))
+    assert len(set(exponents.tolist())) > 1  # blocks really differ in exponent
+    tensor_fmt = BlockFloat(bits, layout="tensor", rounding="nearest")
+    assert not torch.equal(error, quantize(incoming, tensor_fmt))  # not one exponent per tensor
+    for got, block in zip(_blocks_of(error, 32), _blocks_of(incoming, 32), strict=True):
+        assert torch.equal(got, quantize(block, tensor_fmt))
+    assert conv.weight.grad is not None and torch.isfinite(conv.weight.grad).all()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_block_layout_backward_with_stochastic_rounding(bits):
+    fmt = BlockFloat(bits, layout="block", block_size=32)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 70, generator=g).requires_grad_()
+    upstream = torch.randn(3, 70, generator=g) * torch.logspace(-3, 1, 70)  # varied magnitudes
+    flow = quantize_flow(x, fmt, fmt, torch.Generator().manual_seed(9))
+    flow.backward(upstream)
+
+    # The same generator, replayed: the forward draws its dither key first, then the backward.
+    replay = torch.Generator().manual_seed(9)
+    assert torch.equal(flow, quantize(x.detach(), fmt, replay))
+    expected = quantize(upstream, fmt, replay)
+    assert torch.equal(x.grad, expected)
+    assert not torch.equal(x.grad, upstream)
+    nearest = BlockFloat(bits, layout="tensor", rounding="nearest")
+    for block in _blocks_of(x.grad, 32):  # each block of 32 on its own grid
+        assert torch.equal(quantize(block, nearest), block)
+    assert not _on_grid(x.grad, BlockFloat(bits, layout="tensor"))

@@ -17,10 +17,16 @@ from flwr.app import (
     ConfigRecord,
     Error,
     Message,
+    MessageType,
     MetricRecord,
     RecordDict,
 )
+from flwr.clientapp.mod import message_size_mod
+from flwr.common.serde import message_from_proto, message_to_proto, recorddict_to_proto
+from flwr.proto.message_pb2 import Message as ProtoMessage
+from flwr.serverapp import strategy as flwr_strategy
 from flwr.serverapp.strategy import FedAvg
+from omegaconf import OmegaConf
 
 from client_app.app import app as client_app
 from quantization import FP32, BlockFloat, quantize
@@ -28,13 +34,11 @@ from quantization.wire import (
     TensorSpec,
     decode_tensors,
     encode_tensors,
-    float32_size,
-    serialized_size,
     specs_of,
 )
 from strategies import LowPrecisionStrategy, ServerMovingAverage
 from strategies.factory import build_strategy
-from strategies.low_precision import LINEAGE_KEY
+from strategies.low_precision import LINEAGE_KEY, content_digest
 from task.config import load_config
 from task.model import build_configured_model, float_buffer_names
 from tests.flower_harness import InProcessGrid
@@ -189,6 +193,31 @@ def _assert_model_close(arrays: ArrayRecord, expected: Mapping[str, np.ndarray],
             np.testing.assert_array_equal(got, np.rint(expected[name]), err_msg=name)
 
 
+def _content_bytes(message: Message) -> int:
+    """Bytes of a message's content on the wire, measured independently of ``quantization.wire``.
+
+    The whole Message is serialized to protobuf bytes and parsed back, as Flower's transport
+    does; the length of the content field's serialization is returned.
+    """
+    wire = message_to_proto(message).SerializeToString()
+    return len(ProtoMessage.FromString(wire).content.SerializeToString())
+
+
+def _record_dict_bytes(records: dict) -> int:
+    """Serialized protobuf length of a RecordDict built from ``records``."""
+    return len(recorddict_to_proto(RecordDict(records)).SerializeToString())
+
+
+def _float32_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """The tensors as a plain ArrayRecord: floats as float32, integer buffers as they are."""
+    return ArrayRecord(
+        {
+            name: Array(t.numpy().astype(np.float32) if t.is_floating_point() else t.numpy())
+            for name, t in tensors.items()
+        }
+    )
+
+
 # ----------------------------------------------------------------------------- broadcast
 @pytest.mark.parametrize("bits", [8, 4])
 def test_configure_train_broadcasts_quantized_arrays(bits):
@@ -236,13 +265,13 @@ def test_configure_train_broadcasts_quantized_arrays(bits):
         else:
             assert torch.equal(decoded[name], t)
 
-    # Traffic: what is sent, per message, and its float32 equivalent.
+    # Traffic: what is sent, per message, and its float32 equivalent, measured here.
     traffic = strategy.traffic[1]
-    sizes = [serialized_size(m.content) for m in messages]
+    sizes = [_content_bytes(m) for m in messages]
     assert len(set(sizes)) == 1
-    assert traffic.downlink_bytes == sum(sizes) == len(NODES) * serialized_size(content)
-    fp32_content = RecordDict({"arrays": _initial(template), "config": sent_config})
-    assert traffic.fp32_downlink_bytes == len(NODES) * serialized_size(fp32_content)
+    assert traffic.downlink_bytes == sum(sizes)
+    fp32_bytes = _record_dict_bytes({"arrays": _float32_record(template), "config": sent_config})
+    assert traffic.fp32_downlink_bytes == len(NODES) * fp32_bytes
 
 
 def test_configure_train_fp32_downlink_sends_float32():
@@ -254,7 +283,11 @@ def test_configure_train_fp32_downlink_sends_float32():
     for name, t in template.items():
         np.testing.assert_array_equal(arrays[name].numpy(), t.numpy())
         assert arrays[name].numpy().dtype == t.numpy().dtype
-    assert strategy.traffic[1].downlink_bytes == len(NODES) * serialized_size(messages[0].content)
+    assert strategy.traffic[1].downlink_bytes == sum(_content_bytes(m) for m in messages)
+    # The float32 equivalent: the model as the inner strategy sends it, without a format record.
+    config = messages[0].content["config"]
+    fp32_bytes = _record_dict_bytes({"arrays": _float32_record(template), "config": config})
+    assert strategy.traffic[1].fp32_downlink_bytes == len(NODES) * fp32_bytes
 
 
 def test_configure_train_keeps_config_and_fedprox_mu():
@@ -316,18 +349,102 @@ def test_aggregate_train_records_uplink_traffic():
     template = _template()
     strategy = _strategy(template)
     requests = _requests(strategy, template=template)
-    replies = [_reply(r, _content(_client_state(r.metadata.dst_node_id))) for r in requests]
-    sent = sum(serialized_size(r.content) for r in replies)
+    states = [_client_state(r.metadata.dst_node_id) for r in requests]
+    replies = [_reply(r, _content(state)) for r, state in zip(requests, states, strict=True)]
+    sent = sum(_content_bytes(r) for r in replies)
     # the same replies with the model as a plain float32 ArrayRecord and no format record
     fp32 = sum(
-        serialized_size(RecordDict({"metrics": r.content["metrics"]})) for r in replies
-    ) + len(replies) * float32_size(template, "arrays")
+        _record_dict_bytes({"metrics": r.content["metrics"], "arrays": _float32_record(state)})
+        for r, state in zip(replies, states, strict=True)
+    )
 
     strategy.aggregate_train(1, replies)
 
     traffic = strategy.traffic[1]
     assert traffic.uplink_bytes == sent
     assert traffic.fp32_uplink_bytes == fp32
+
+
+def _over_the_wire(message: Message) -> tuple[Message, int]:
+    """The message as its receiver gets it after protobuf serialization, and its content bytes."""
+    wire = message_to_proto(message).SerializeToString()
+    proto = ProtoMessage.FromString(wire)
+    return message_from_proto(proto), len(proto.content.SerializeToString())
+
+
+#: Protobuf framing that ``count_bytes`` leaves out (it counts keys and values' bytes), for
+#: these messages (tensors under 2 MB, dims under 16384, at most 4 of them). An Array entry:
+#: item, value and data tags with length varints (4 + 4 + 4), the key's tag and length (2), its
+#: dtype (2 + up to 7), shape (2 + 4 x 2) and stype ("numpy.ndarray": 2 + 13): at most 50.
+ARRAY_ENTRY_FRAMING = 50
+#: A ConfigRecord or MetricRecord entry: item, key, value and scalar tags and lengths.
+SCALAR_ENTRY_FRAMING = 12
+#: One record in the RecordDict: item tag and length, its key (not counted), record tag and length.
+RECORD_FRAMING = 10 + len("arrays-format")
+
+
+def _framing_bound(content: RecordDict) -> int:
+    arrays = sum(len(r) for r in content.array_records.values())
+    scalars = sum(len(r) for r in content.values()) - arrays
+    return (
+        ARRAY_ENTRY_FRAMING * arrays
+        + SCALAR_ENTRY_FRAMING * scalars
+        + RECORD_FRAMING * len(content)
+    )
+
+
+def _logged_sizes(caplog, direction: str) -> list[int]:
+    pattern = re.compile(rf"{direction} message size: (\d+) bytes")
+    return [int(m[1]) for r in caplog.records if (m := pattern.fullmatch(r.getMessage()))]
+
+
+def test_traffic_matches_serialized_messages_and_flowers_message_size_mod(caplog):
+    """Round traffic against two measures that do not use ``quantization.wire``: the protobuf
+    bytes of every message sent through a serialize/parse round trip (exact), and the sizes
+    Flower's ``message_size_mod`` logs on the client (the records' bytes without protobuf's
+    framing, so the counts exceed them by at most the framing of each entry)."""
+    run_config = {
+        "overrides": "dataset=synthetic model=small_cnn train.max_steps=1 "
+        "federation.num_clients=4 federation.fraction_train=0.75"
+    }
+    cfg = load_config(run_config)
+    model = build_configured_model(cfg)
+    template = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    strategy = build_strategy(cfg, specs_of(template), float_buffer_names(model))
+    measured: dict[str, list[int]] = {"down": [], "up": []}
+    bounds: dict[str, list[int]] = {"down": [], "up": []}
+
+    def client_over_the_wire(message: Message, context) -> Message:
+        if message.metadata.message_type != MessageType.TRAIN:  # the partition-id queries
+            return client_app(message, context)
+        received, down = _over_the_wire(message)
+        reply = message_size_mod(received, context, client_app)
+        sent, up = _over_the_wire(reply)
+        for key, size, m in (("down", down, received), ("up", up, sent)):
+            measured[key].append(size)
+            bounds[key].append(_framing_bound(m.content))
+        return sent
+
+    grid = InProcessGrid(client_over_the_wire, 4, run_config)
+    messages = list(strategy.configure_train(1, _initial(template), ConfigRecord(), grid))
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        replies = list(grid.send_and_receive(messages))
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    assert arrays is not None and len(replies) == 3
+    traffic = strategy.traffic[1]
+    assert traffic.rejected == [] and traffic.failed == []
+    assert traffic.downlink_bytes == sum(measured["down"])
+    assert traffic.uplink_bytes == sum(measured["up"])
+    for direction, key in (("Incoming", "down"), ("Outgoing", "up")):
+        logged = _logged_sizes(caplog, direction)
+        assert len(logged) == 3, direction
+        for flower, ours, bound in zip(logged, measured[key], bounds[key], strict=True):
+            assert 0 < ours - flower <= bound, (direction, ours, flower, bound)
+    # What travelled is far below the float32 model (8-bit mantissas and shared exponents).
+    fp32_model = _record_dict_bytes({"arrays": _float32_record(template)})
+    assert traffic.uplink_bytes < 0.3 * 3 * fp32_model
+    assert traffic.downlink_bytes < 0.3 * 3 * fp32_model
 
 
 def test_fp32_wrapper_equals_plain_fedavg_exactly():
@@ -354,14 +471,21 @@ def test_fp32_wrapper_equals_plain_fedavg_exactly():
         for i, (r, s, w) in enumerate(zip(requests, states, weights, strict=True))
     ]
 
+    # the wrapper sums in the order of the replies' content digests (reproducible whatever the
+    # node ids); plain FedAvg sums in the order it is given: give it the same one
+    order = sorted(range(len(ours)), key=lambda i: content_digest(ours[i].content))
     arrays, metrics = strategy.aggregate_train(1, ours)
-    ref_arrays, ref_metrics = FedAvg().aggregate_train(1, plain)
+    ref_arrays, ref_metrics = FedAvg().aggregate_train(1, [plain[i] for i in order])
 
     assert list(arrays.keys()) == list(ref_arrays.keys())
     for name in ref_arrays:
         assert arrays[name].numpy().dtype == ref_arrays[name].numpy().dtype == np.float32
         assert np.array_equal(arrays[name].numpy(), ref_arrays[name].numpy()), name
-    assert dict(metrics.items()) == dict(ref_metrics.items())
+    # metrics: the wrapper averages each key with math.fsum (correctly rounded, so independent
+    # of order); Flower adds v * (w / total) left to right, within a few ulps of it
+    assert metrics.keys() == ref_metrics.keys()
+    for key in ref_metrics:
+        assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-14, abs=0), key
 
 
 def test_aggregate_train_on_real_client_app_replies():
@@ -768,20 +892,88 @@ def test_strategy_broadcasts_the_moving_average():
 
 
 # ----------------------------------------------------------------------------- inner strategies
-@pytest.mark.parametrize(
-    "name", ["fedadam", "fedyogi", "fedadagrad", "fedavgm", "fedmedian", "fedtrimmedavg", "fedprox"]
-)
-def test_inner_strategy_runs_two_rounds_with_the_real_client_app(name):
+#: Flower's strategy classes, by config name (imported here, not through strategies.factory).
+PLAIN_STRATEGIES = {
+    "fedadam": flwr_strategy.FedAdam,
+    "fedyogi": flwr_strategy.FedYogi,
+    "fedadagrad": flwr_strategy.FedAdagrad,
+    "fedavgm": flwr_strategy.FedAvgM,
+    "fedmedian": flwr_strategy.FedMedian,
+    "fedtrimmedavg": flwr_strategy.FedTrimmedAvg,
+    "fedprox": flwr_strategy.FedProx,
+}
+INNER_NODES = 5  # FedTrimmedAvg's beta=0.2 trims one update at each end of five
+
+
+class RecordingGrid(InProcessGrid):
+    """An ``InProcessGrid`` that keeps what a plain Flower strategy would get each train round.
+
+    For every train round: the broadcast (float32 at a 32-bit downlink) and each reply as
+    Flower's own strategies expect it: the decoded float32 update in an ArrayRecord and a
+    MetricRecord with its num-examples. It is taken before the wrapper sees the replies.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rounds: list[tuple[ArrayRecord, list[Message]]] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
+            sent = messages[0].content
+            broadcast = decode_tensors(sent["arrays"], sent["arrays-format"], bits=32)
+            requests = {m.metadata.message_id: m for m in messages}
+            plain = []
+            for reply in sorted(replies, key=lambda r: r.metadata.src_node_id):
+                update = decode_tensors(reply.content["arrays"], reply.content["arrays-format"])
+                content = RecordDict(
+                    {
+                        "arrays": ArrayRecord({k: Array(v.numpy()) for k, v in update.items()}),
+                        "metrics": MetricRecord(
+                            {"num-examples": reply.content["metrics"]["num-examples"]}
+                        ),
+                    }
+                )
+                plain.append(_reply(requests[reply.metadata.reply_to_message_id], content))
+            record = ArrayRecord({k: Array(v.numpy()) for k, v in broadcast.items()})
+            self.rounds.append((record, plain))
+        return replies
+
+
+def _unequal_weights(node_id: int, reply: Message) -> Message:
+    """Give each node its own num-examples, so weighting differently from Flower shows."""
+    if reply.metadata.message_type == MessageType.TRAIN:
+        reply.content["metrics"]["num-examples"] = 8 * (node_id - 100)
+    return reply
+
+
+@pytest.mark.parametrize("name", list(PLAIN_STRATEGIES))
+def test_inner_strategy_equals_plain_flower_on_the_decoded_updates(name):
+    # Moving average off and a float32 downlink: the wrapper must then be exactly the plain
+    # Flower strategy run on the dequantized updates (clipping off: it would edit them).
     run_config = {
         "overrides": f"dataset=synthetic model=small_cnn strategy={name} train.max_steps=2 "
-        "federation.num_clients=4"
+        f"federation.num_clients={INNER_NODES} federation.fraction_train=1.0 "
+        "server.moving_average=0 quantization.downlink_bits=32 server.update_clip_factor=0"
     }
     cfg = load_config(run_config)
     model = build_configured_model(cfg)
     template = {k: v.detach().clone() for k, v in model.state_dict().items()}
     strategy = build_strategy(cfg, specs_of(template), float_buffer_names(model))
-    assert type(strategy.inner).__name__.lower() == name
-    grid = InProcessGrid(client_app, 4, run_config)
+    assert not strategy.moving_average.enabled and not strategy.downlink.enabled
+    grid = RecordingGrid(client_app, INNER_NODES, run_config, tamper=_unequal_weights)
+    # The wrapper picks the order it hands updates to the inner strategy in (float32 sums
+    # depend on it); note it, to give plain Flower the same order.
+    orders: list[list[int]] = []
+    inner_aggregate_train = strategy.inner.aggregate_train
+
+    def noting_the_order(server_round, replies):
+        replies = list(replies)
+        orders.append([r.metadata.src_node_id for r in replies])
+        return inner_aggregate_train(server_round, replies)
+
+    strategy.inner.aggregate_train = noting_the_order
 
     result = strategy.start(
         grid=grid,
@@ -790,16 +982,45 @@ def test_inner_strategy_runs_two_rounds_with_the_real_client_app(name):
         train_config=ConfigRecord({"lr": float(cfg.train.lr)}),
     )
 
-    assert set(result.arrays.keys()) == set(template)
-    changed = False
-    for key, t in template.items():
-        value = result.arrays[key].numpy()
-        assert value.dtype == np.float32 and value.shape == tuple(t.shape), key
-        assert np.isfinite(value).all(), key
-        changed |= not np.array_equal(value, t.numpy())
-    assert changed
-    assert sorted(result.train_metrics_clientapp) == [1, 2]
-    for server_round in (1, 2):
+    # The same Flower class with the same constructor arguments, fed what the clients sent.
+    options = {k: v for k, v in OmegaConf.to_container(cfg.strategy).items() if k != "name"}
+    fed = cfg.federation
+    plain = PLAIN_STRATEGIES[name](
+        fraction_train=fed.fraction_train,
+        fraction_evaluate=fed.fraction_evaluate,
+        min_train_nodes=fed.min_train_clients,
+        min_evaluate_nodes=fed.min_evaluate_clients,
+        min_available_nodes=fed.min_available_clients,
+        **options,
+    )
+    assert type(strategy.inner) is type(plain)
+    assert len(grid.rounds) == 2
+    outputs = [broadcast for broadcast, _ in grid.rounds[1:]] + [result.arrays]
+    for server_round, ((broadcast, replies), output, order) in enumerate(
+        zip(grid.rounds, outputs, orders, strict=True), start=1
+    ):
         assert strategy.traffic[server_round].rejected == []
-        assert strategy.traffic[server_round].uplink_bytes > 0
+        assert strategy.traffic[server_round].clipped == 0
+        assert len(replies) == INNER_NODES
+        by_node = {r.metadata.src_node_id: r for r in replies}
+        assert sorted(order) == sorted(by_node)  # every update, each once
+        replies = [by_node[node] for node in order]
+        list(plain.configure_train(server_round, broadcast, ConfigRecord(), FakeGrid()))
+        expected, _ = plain.aggregate_train(server_round, replies)
+        assert list(output.keys()) == list(expected.keys()) == list(template)
+        for key in template:
+            got, want = output[key].numpy(), expected[key].numpy()
+            assert got.dtype == np.float32, key
+            if name == "fedadam":
+                # FedAdam's bias-corrected step (a numpy float64 scalar) makes its aggregate
+                # float64; the wrapper broadcasts the model's float32: compare after that cast.
+                assert want.dtype == np.float64, key
+                want = want.astype(np.float32)
+            assert want.dtype == np.float32, key
+            assert np.array_equal(got, want), (server_round, key)
+    # Both rounds moved the model (a pass-through would equal nothing above but round 1's input).
+    first, second = grid.rounds[0][0], grid.rounds[1][0]
+    for a, b in ((first, second), (second, result.arrays)):
+        assert any(not np.array_equal(a[k].numpy(), b[k].numpy()) for k in template)
+    assert sorted(result.train_metrics_clientapp) == [1, 2]
     assert isinstance(strategy.template["classifier.weight"], TensorSpec)

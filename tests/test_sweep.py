@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -76,16 +76,37 @@ def test_a_tiny_real_sweep_runs_and_resumes(tmp_path: Path, capsys):
     assert capsys.readouterr().out.count("done already") == 2
 
 
+class _CountedProgress(RoundProgress):
+    """A ``RoundProgress`` whose finished polls can be waited for."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.polls = 0
+        self._polled = threading.Condition()
+
+    def poll(self) -> None:
+        super().poll()  # an exception here ends the thread: the waits below then time out
+        with self._polled:
+            self.polls += 1
+            self._polled.notify_all()
+
+    def wait_for(self, condition, timeout: float = 60.0) -> bool:
+        """Wait (generously: a loaded machine is slow) until ``condition()`` after a poll."""
+        with self._polled:
+            return self._polled.wait_for(condition, timeout)
+
+
 def test_progress_follows_the_round_lines_of_a_running_simulation(tmp_path: Path):
     log = tmp_path / "flwr.log"
-    with RoundProgress(log, "[1/1]", poll_s=0.01) as progress:
-        time.sleep(0.05)  # no log yet: nothing shown, no error
+    expected = ("12", "30", "81.50")
+    with _CountedProgress(log, "[1/1]", poll_s=0.01) as progress:
+        # No log yet: a few polls pass, showing nothing and raising nothing.
+        assert progress.wait_for(lambda: progress.polls >= 3)
+        assert progress.last is None
         log.write_text(
             "INFO: round   0/30  accuracy   7.28%  loss 2.30\n"
             "INFO: round  12/30  accuracy  81.50%  loss 0.61\n"
         )
-        for _ in range(200):
-            if progress.last:
-                break
-            time.sleep(0.01)
-    assert progress.last == ("12", "30", "81.50")
+        # A poll may read the file half written (round 0 only): wait for the last line.
+        assert progress.wait_for(lambda: progress.last == expected)
+    assert progress.last == expected

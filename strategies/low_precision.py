@@ -229,13 +229,20 @@ class LowPrecisionStrategy(Strategy):
         if not metrics:
             self._no_update(server_round)
             return None, None
-        self.failed_rounds = 0
         arrays, inner_metrics = self.inner.aggregate_train(server_round, accepted)
         merged = _merge(inner_metrics, aggregate_metrics(metrics, weights, self.weight_key))
         self._traffic(server_round).train_metrics = dict(merged.items())
         if arrays is None:
+            self._no_update(server_round, f"{type(self.inner).__name__} aggregated nothing")
             return None, merged
         model = {name: self._as_template(name, arrays[name].numpy()) for name in arrays}
+        broken = [n for n, v in model.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+        if broken:  # e.g. a server optimizer that diverged: never broadcast it
+            reason = f"the {type(self.inner).__name__} aggregate has NaN or inf in {broken[:3]}"
+            log(WARNING, "Round %d: %s; the global model stays as it was", server_round, reason)
+            self._no_update(server_round, reason)
+            return None, merged
+        self.failed_rounds = 0
         broadcast = self.moving_average.update(server_round, model)
         return ArrayRecord({name: _array(value) for name, value in broadcast.items()}), merged
 
@@ -252,9 +259,10 @@ class LowPrecisionStrategy(Strategy):
         self._traffic(server_round).evaluate_metrics = dict(merged.items())
         return merged
 
-    def _no_update(self, server_round: int) -> None:
+    def _no_update(self, server_round: int, reason: str | None = None) -> None:
         self.failed_rounds += 1
-        reasons = self._traffic(server_round).rejected + self._traffic(server_round).failed
+        traffic = self._traffic(server_round)
+        reasons = ([reason] if reason else []) + traffic.rejected + traffic.failed
         log(
             WARNING,
             "Round %d: no valid update arrived; the global model stays as it was (%d round(s) "

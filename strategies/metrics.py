@@ -3,7 +3,8 @@
 Flower's ``aggregate_metricrecords`` needs every reply to carry the same keys with the same
 types; one client that omits a key, or sends a list where others send a number, would drop
 the key for everyone or raise. Here each metric is a finite number or a list of finite
-numbers (checked per reply), and each key is averaged over the replies that report it:
+numbers, at most 1e30 in magnitude (checked per reply), and each key is averaged over the
+replies that report it:
 ``m_k = sum_{i in R_k} w_i m_{i,k} / sum_{i in R_k} w_i``. A key whose replies disagree on its
 type or list length is left out of the aggregate (and logged) instead of failing the round.
 """
@@ -19,6 +20,9 @@ from flwr.common import log
 
 #: Most values in one reply's metrics (keys plus list elements): real replies carry ~10.
 MAX_METRIC_VALUES = 4096
+#: Largest accepted metric magnitude: weighted sums of such values (weights <= 1e12) stay
+#: far from float overflow.
+MAX_METRIC_MAGNITUDE = 1e30
 
 
 class MetricError(ValueError):
@@ -39,6 +43,8 @@ def checked_metrics(metrics: MetricRecord) -> dict[str, float | int | list[float
                 raise MetricError(f"metric {name!r} is not a number")
             if not math.isfinite(v):
                 raise MetricError(f"metric {name!r} is not finite")
+            if abs(v) > MAX_METRIC_MAGNITUDE:
+                raise MetricError(f"metric {name!r} is {v:g}, beyond +-{MAX_METRIC_MAGNITUDE:g}")
         clean[name] = list(value) if isinstance(value, list) else value
     return clean
 

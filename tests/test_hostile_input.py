@@ -589,3 +589,35 @@ def test_which_inner_strategies_resist_one_bad_client_on_their_own(inner, client
     assert strategy.traffic[1].rejected == []  # it passes every format check
     largest = max(float(np.abs(arrays[k].numpy()).max()) for k in FLOATS)
     assert (largest < 10) == resists, largest
+
+
+def test_metrics_that_would_overflow_the_average_are_refused():
+    strategy = _strategy()
+    requests = _requests(strategy)
+    replies = _honest(requests[:2])
+    huge = _content(_client_state(13), metrics={"num-examples": 10, "train-loss": 1e308})
+    replies.append(_reply(requests[2], huge))  # math.fsum raised OverflowError on two of them
+    replies.append(_reply(requests[3], _content(_client_state(14), metrics=dict(huge["metrics"]))))
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert _rejected_nodes(strategy, 1) == [r.metadata.dst_node_id for r in requests[2:]]
+    assert "beyond" in strategy.traffic[1].rejected[0]
+    assert arrays is not None and np.isfinite(metrics["train-loss"])
+
+
+def test_a_non_finite_aggregate_is_never_broadcast():
+    """An inner strategy whose result is NaN (e.g. a diverged server optimizer): the model
+    stays as it was, and repeated failures stop the run."""
+    from flwr.app import Array, ArrayRecord
+    from flwr.serverapp.strategy import FedAvg
+
+    class Diverged(FedAvg):
+        def aggregate_train(self, server_round, replies):
+            arrays, metrics = super().aggregate_train(server_round, replies)
+            nan = {k: Array(np.full_like(v.numpy(), np.nan)) for k, v in arrays.items()}
+            return ArrayRecord(nan), metrics
+
+    strategy = _strategy(inner=Diverged(fraction_train=1.0), max_failed_rounds=2)
+    arrays, metrics = strategy.aggregate_train(1, _honest(_requests(strategy)))
+    assert arrays is None and metrics["train-loss"] > 0
+    with pytest.raises(FederationStalledError, match="Diverged aggregate has NaN or inf"):
+        strategy.aggregate_train(2, _honest(_requests(strategy, 2)))

@@ -16,7 +16,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import FedAvgM, Strategy
 
 from quantization import BlockFloat
 from quantization.wire import (
@@ -158,33 +158,44 @@ class LowPrecisionStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Let the inner strategy sample and configure, then quantize the model it sends."""
+        """Quantize the model, then let the inner strategy sample and configure with it.
+
+        The inner strategy is given the model the clients will receive, ``Q(arrays)`` decoded,
+        not the float32 ``arrays``: stateful strategies (FedAdam, FedYogi, FedAdagrad,
+        FedAvgM) take their pseudo-gradient against what the clients trained from.
+        """
         server_round += self.round_offset
+        encoded, formats, reference = self._encode(server_round, "train", arrays)
+        self._references = {server_round: _Reference(reference, model_norm(reference))}
         grid = self.partition_order.ordered(grid)
         config = ConfigRecord({**config, LINEAGE_KEY: self.lineage})
         with seeded_sampling(self._round_seed(server_round, "train")):
-            messages = list(self.inner.configure_train(server_round, arrays, config, grid))
-        return self._quantize_broadcast(server_round, "train", arrays, messages)
+            messages = list(
+                self.inner.configure_train(server_round, _record(reference), config, grid)
+            )
+        return self._replace_content(server_round, messages, encoded, formats)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Same as ``configure_train`` for federated evaluation."""
         server_round += self.round_offset
+        encoded, formats, reference = self._encode(server_round, "evaluate", arrays)
         grid = self.partition_order.ordered(grid)
         with seeded_sampling(self._round_seed(server_round, "evaluate")):
-            messages = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
-        return self._quantize_broadcast(server_round, "evaluate", arrays, messages)
+            messages = list(
+                self.inner.configure_evaluate(server_round, _record(reference), config, grid)
+            )
+        return self._replace_content(server_round, messages, encoded, formats)
 
     def _round_seed(self, server_round: int, phase: str) -> int:
         """The seed of one round's phase: its client sample and its broadcast rounding."""
         return (self.seed * 1_000_003 + server_round) * 2 + _PHASE_SEED[phase]
 
-    def _quantize_broadcast(
-        self, server_round: int, phase: str, arrays: ArrayRecord, messages: list[Message]
-    ) -> list[Message]:
-        if not messages:
-            return messages
+    def _encode(
+        self, server_round: int, phase: str, arrays: ArrayRecord
+    ) -> tuple[ArrayRecord, ConfigRecord, dict[str, torch.Tensor]]:
+        """(encoded arrays, their format record, the decoded model the clients receive)."""
         generator = torch.Generator().manual_seed(self._round_seed(server_round, phase))
         tensors = {
             name: torch.from_numpy(self._as_template(name, arrays[name].numpy())) for name in arrays
@@ -192,9 +203,16 @@ class LowPrecisionStrategy(Strategy):
         encoded, formats = encode_tensors(
             tensors, self.downlink, generator, keep_float=self.float_buffers
         )
-        if phase == "train":  # what the clients will train from: updates are measured against it
-            reference = decode_tensors(encoded, formats)
-            self._references = {server_round: _Reference(reference, model_norm(reference))}
+        return encoded, formats, decode_tensors(encoded, formats)
+
+    def _replace_content(
+        self,
+        server_round: int,
+        messages: list[Message],
+        encoded: ArrayRecord,
+        formats: ConfigRecord,
+    ) -> list[Message]:
+        """Put the encoded model into the inner strategy's messages; count the bytes."""
         traffic = self._traffic(server_round)
         # Inner strategies share one content among messages: encode and measure it once.
         replaced: dict[int, tuple[RecordDict, int, int]] = {}
@@ -207,7 +225,7 @@ class LowPrecisionStrategy(Strategy):
                 replaced[id(original)] = (
                     content,
                     serialized_size(content),
-                    serialized_size(original),
+                    serialized_size(original),  # the inner's message: the model in float32
                 )
             content, size, fp32_size = replaced[id(original)]
             message.content = content
@@ -229,6 +247,9 @@ class LowPrecisionStrategy(Strategy):
         if not metrics:
             self._no_update(server_round)
             return None, None
+        reference = self._references.get(server_round)
+        if reference is not None:
+            _anchor_reference(self.inner, reference.tensors)
         arrays, inner_metrics = self.inner.aggregate_train(server_round, accepted)
         merged = _merge(inner_metrics, aggregate_metrics(metrics, weights, self.weight_key))
         self._traffic(server_round).train_metrics = dict(merged.items())
@@ -463,6 +484,23 @@ def _merge(inner: MetricRecord | None, ours: MetricRecord) -> MetricRecord:
     for key, value in ours.items():
         merged[key] = value
     return merged
+
+
+def _record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord({name: _array(t.numpy()) for name, t in tensors.items()})
+
+
+def _anchor_reference(strategy: Strategy, reference: Mapping[str, torch.Tensor]) -> None:
+    """Make FedAvgM's reference model the broadcast the clients trained from.
+
+    FedOpt strategies set theirs in ``configure_train`` (to what this wrapper passes); FedAvgM
+    sets it once and then keeps its own result, which differs from the broadcast when the
+    server averages or quantizes. Wrappers such as Flower's DP strategies are looked through.
+    """
+    while not isinstance(strategy, FedAvgM) and hasattr(strategy, "strategy"):
+        strategy = strategy.strategy  # Flower's wrappers keep the wrapped strategy here
+    if isinstance(strategy, FedAvgM):
+        strategy.current_arrays = _record(reference)
 
 
 def _array(value: np.ndarray) -> Array:

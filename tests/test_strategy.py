@@ -1024,3 +1024,68 @@ def test_inner_strategy_equals_plain_flower_on_the_decoded_updates(name):
         assert any(not np.array_equal(a[k].numpy(), b[k].numpy()) for k in template)
     assert sorted(result.train_metrics_clientapp) == [1, 2]
     assert isinstance(strategy.template["classifier.weight"], TensorSpec)
+
+
+# ----------------------------------------------------------------------------- inner reference
+def _received_and_replies(strategy, template):
+    """The decoded broadcast of round 1 (what the clients train from) and their replies."""
+    requests = _requests(strategy, 1, template)
+    received = decode_tensors(requests[0].content["arrays"], requests[0].content["arrays-format"])
+    initial = _initial(template)
+    assert any(not np.array_equal(received[k].numpy(), initial[k].numpy()) for k in template)
+    replies = [
+        _reply(r, _content(_client_state(r.metadata.dst_node_id, template), seed=i))
+        for i, r in enumerate(requests)
+    ]
+    return {k: v.numpy() for k, v in received.items()}, replies
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad"])
+def test_fedopt_strategies_step_from_the_model_the_clients_received(name):
+    """The 4-bit broadcast Q(w) differs from the float32 w: FedOpt's reference must be Q(w)."""
+    template = _float_template()
+    cfg = load_config({"overrides": f"dataset=synthetic strategy={name}"})
+    inner = build_strategy(cfg, specs_of(template), ()).inner
+    strategy = _strategy(template, inner=inner, downlink=BlockFloat(4, layout="auto"))
+    received, replies = _received_and_replies(strategy, template)
+    assert all(np.array_equal(inner.current_arrays[k], received[k]) for k in template)
+    # plain Flower given the same reference (as its initial model) and the decoded updates
+    plain = type(inner)(**{k: getattr(inner, k) for k in ("eta", "eta_l", "tau")})
+    plain.current_arrays = {k: v.copy() for k, v in received.items()}
+    decoded = [
+        _reply(
+            r,
+            RecordDict(
+                {
+                    "arrays": ArrayRecord(
+                        {
+                            k: Array(v.astype(np.float32))
+                            for k, v in _decoded(r.content, template).items()
+                        }
+                    ),
+                    "metrics": MetricRecord({"num-examples": 10}),
+                }
+            ),
+        )
+        for r in sorted(replies, key=lambda r: content_digest(r.content))
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    expected, _ = plain.aggregate_train(1, decoded)
+    for k in template:
+        np.testing.assert_array_equal(arrays[k].numpy(), expected[k].numpy().astype(np.float32))
+
+
+def test_fedavgm_steps_from_the_model_the_clients_received():
+    from flwr.serverapp.strategy import FedAvgM
+
+    template = _float_template()
+    inner = FedAvgM(fraction_train=1.0, server_learning_rate=0.5, server_momentum=0.0)
+    strategy = _strategy(template, inner=inner, downlink=BlockFloat(4, layout="auto"))
+    received, replies = _received_and_replies(strategy, template)
+    inner.current_arrays = _initial(template)  # FedAvgM's own reference: the float32 model
+    decoded = [_decoded(r.content, template) for r in replies]
+    average = _weighted_mean(decoded, [10] * len(decoded))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    for k in template:  # w = ref - lr * (ref - avg), with ref = what the clients received
+        want = received[k] - 0.5 * (received[k] - average[k])
+        np.testing.assert_allclose(arrays[k].numpy(), want, rtol=1e-6, atol=1e-7)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
@@ -48,6 +50,33 @@ def _partition(cfg: DictConfig, context: Context) -> tuple[int, int]:
             "--node-config 'partition-id=<i> num-partitions=<N>'"
         )
     return int(node["partition-id"]), int(node.get("num-partitions", cfg.federation.num_clients))
+
+
+#: Largest server round a client accepts (it names the client's state files).
+MAX_ROUND = 10**9
+
+
+def _config_value(
+    config: Mapping[str, Any],
+    key: str,
+    default: Any,
+    kind: type,
+    low: float | None = None,
+    high: float | None = None,
+) -> Any:
+    """A value of the server's train config, checked: its type and, for numbers, its range."""
+    value = config.get(key, default)
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok and low is not None and not (low <= value <= high):  # also False for NaN
+        ok = False
+    if not ok:
+        bounds = f" in [{low:g}, {high:g}]" if low is not None else ""
+        raise ValueError(
+            f"the server's config has {key}={value!r}: expected a {kind.__name__}{bounds}"
+        )
+    return value
 
 
 def _receive_model(msg: Message, cfg: DictConfig, model: torch.nn.Module) -> None:
@@ -97,7 +126,7 @@ def train(msg: Message, context: Context) -> Message:
         retain_freed_memory()
     partition_id, num_partitions = _partition(cfg, context)
     config = msg.content.config_records.get("config", {})
-    server_round = int(config.get("server-round", 0))
+    server_round = _config_value(config, "server-round", 0, int, 0, MAX_ROUND)
     device = resolve_device(cfg)
     train_data, _ = client_data(cfg, partition_id, num_partitions)
     model = build_configured_model(cfg)
@@ -109,7 +138,7 @@ def train(msg: Message, context: Context) -> Message:
     optimizer = make_optimizer(
         model, t.optimizer, float(t.lr), precision, generator, t.momentum, t.weight_decay
     )
-    lineage = str(config.get(LINEAGE_KEY, ""))
+    lineage = _config_value(config, LINEAGE_KEY, "", str)
     state_dir = state_directory(cfg, context.node_config, partition_id, lineage)
     if t.keep_optimizer_state:
         saved = read_round_state(state_dir, server_round) if state_dir else None
@@ -126,7 +155,7 @@ def train(msg: Message, context: Context) -> Message:
         batch_size=int(t.batch_size),
         generator=generator,
         device=device,
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        proximal_mu=float(_config_value(config, "proximal-mu", 0.0, float, 0.0, 1e6)),
         max_steps=int(t.max_steps),
     )
     state_bytes = 0

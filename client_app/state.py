@@ -23,7 +23,6 @@ from quantization import FP32, LowPrecisionOptimizer
 from quantization.wire import (
     EXPONENT_SUFFIX,
     FORMAT_SUFFIX,
-    WireFormatError,
     encode_tensors,
     read_tensors,
 )
@@ -160,6 +159,8 @@ def _read_state_file(path: Path) -> RecordDict:
         read_tensors(
             record.array_records[STATE_KEY], record.config_records[STATE_KEY + FORMAT_SUFFIX]
         )
-    except (KeyError, ValueError, TypeError, WireFormatError) as err:
-        raise CorruptFileError(path, f"holds no valid optimizer state ({err})") from None
+    except Exception as err:  # anything the file says that does not parse makes it unusable
+        raise CorruptFileError(
+            path, f"holds no valid optimizer state ({type(err).__name__}: {err})"
+        ) from None
     return record

@@ -10,6 +10,7 @@ are read with ``allow_pickle=False`` and formats are JSON.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Container, Mapping
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.common.constant import SType
 from flwr.common.serde import recorddict_to_proto
 
 from .codec import QuantizedTensor, encode
@@ -141,12 +143,7 @@ def decode_tensors(
         if missing or extra:
             raise WireFormatError(f"tensor names differ: missing {missing[:5]}, extra {extra[:5]}")
     described = _parse_formats(formats)
-    exponent_keys = {n + EXPONENT_SUFFIX for n, d in described.items() if "bits" in d}
-    wanted_keys = set(names) | exponent_keys
-    if set(arrays.keys()) != wanted_keys:
-        missing = sorted(wanted_keys - set(arrays.keys()))
-        extra = sorted(set(arrays.keys()) - wanted_keys)
-        raise WireFormatError(f"array keys differ: missing {missing[:5]}, extra {extra[:5]}")
+    _check_array_keys(arrays, described)
     decoded = {}
     for name, description in described.items():
         spec = expected[name] if expected is not None else None
@@ -161,12 +158,27 @@ def decode_tensors(
 def read_tensors(
     arrays: ArrayRecord, formats: ConfigRecord
 ) -> dict[str, torch.Tensor | QuantizedTensor]:
-    """Read trusted tensors back as written (``QuantizedTensor`` stays quantized)."""
+    """Read tensors back as written (``QuantizedTensor`` stays quantized).
+
+    For the client's own state: names and shapes come from the format record, not from a
+    model; every array must belong to a described tensor (``WireFormatError`` otherwise).
+    """
     described = _parse_formats(formats)
+    _check_array_keys(arrays, described)
     return {
         name: _read_one(name, arrays, description, None, None, (), None)
         for name, description in described.items()
     }
+
+
+def _check_array_keys(arrays: ArrayRecord, described: Mapping[str, dict]) -> None:
+    """Arrays must be exactly the described tensors plus the exponents of quantized ones."""
+    exponent_keys = {n + EXPONENT_SUFFIX for n, d in described.items() if "bits" in d}
+    wanted_keys = set(described) | exponent_keys
+    if set(arrays.keys()) != wanted_keys:
+        missing = sorted(wanted_keys - set(arrays.keys()))
+        extra = sorted(set(arrays.keys()) - wanted_keys)
+        raise WireFormatError(f"array keys differ: missing {missing[:5]}, extra {extra[:5]}")
 
 
 def _reject_constant(token: str) -> None:
@@ -211,10 +223,37 @@ def _parse_formats(formats: ConfigRecord) -> dict[str, dict]:
 
 
 def _numpy(name: str, array: Array) -> np.ndarray:
+    """The array's .npy payload, read without trusting its header.
+
+    ``np.load`` allocates the shape a header claims before it reads the data, so a 1 kB
+    payload claiming a billion floats reserves 4 GB. The header is parsed first and must
+    describe exactly the bytes that follow, in a plain numeric dtype.
+    """
+    if array.stype != SType.NUMPY:
+        raise WireFormatError(f"array {name!r} has serialization type {array.stype!r}")
+    data = array.data
     try:
-        return array.numpy()
-    except Exception as err:  # a malformed .npy payload or a non-numpy serialization type
+        stream = io.BytesIO(data)
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    except Exception as err:  # malformed header: numpy raises several kinds
         raise WireFormatError(f"array {name!r} cannot be read: {err}") from None
+    if dtype.hasobject or dtype.kind not in "biuf" or dtype.fields is not None:
+        raise WireFormatError(f"array {name!r} has unsupported dtype {dtype}")
+    count = math.prod(shape)
+    body = len(data) - stream.tell()
+    if count * dtype.itemsize != body:
+        raise WireFormatError(
+            f"array {name!r} claims shape {shape} of {dtype} ({count * dtype.itemsize} bytes) "
+            f"but carries {body} bytes"
+        )
+    flat = np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell())
+    return flat.reshape(shape, order="F" if fortran else "C")
 
 
 def _read_one(

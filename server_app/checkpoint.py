@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from quantization.wire import TensorSpec
 from strategies import LowPrecisionStrategy
@@ -92,10 +93,6 @@ def save_checkpoint(
     return save_verified(directory / CHECKPOINT_NAME, tensors, metadata)
 
 
-def _as_tuple(value: object) -> object:
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, list) else value
-
-
 def load_checkpoint(directory: Path) -> Checkpoint | None:
     """The checkpoint in ``directory``, or None if there is none.
 
@@ -110,7 +107,7 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
         return _parse(tensors, metadata)
     except CorruptFileError as err:
         raise CheckpointError(f"cannot resume from {err}") from None
-    except (KeyError, ValueError, TypeError) as err:
+    except Exception as err:  # any failure to parse what the file says makes it unusable
         raise CheckpointError(
             f"cannot resume from {path}: its metadata is invalid ({type(err).__name__}: {err})"
         ) from None
@@ -126,13 +123,19 @@ def _nonnegative_int(metadata: Mapping[str, str], key: str) -> int:
 def _parse(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> Checkpoint:
     model = {k[len(_MODEL) :]: v for k, v in tensors.items() if k.startswith(_MODEL)}
     average = {k[len(_AVERAGE) :]: v for k, v in tensors.items() if k.startswith(_AVERAGE)}
-    strategy = json.loads(metadata.get("strategy", "null")) or {}
-    if not isinstance(strategy, dict):
-        raise TypeError("'strategy' must be a JSON object")
-    order = strategy.get("order", [])
-    random_state = _as_tuple(json.loads(metadata["random_state"]))
-    random.Random().setstate(random_state)  # raises for anything but a state of `random`
-    lineage = metadata.get("lineage", "")
+    stored = {k[len(_STRATEGY) :] for k in tensors if k.startswith(_STRATEGY)}
+    strategy = json.loads(metadata["strategy"])
+    if not isinstance(strategy, dict) or set(strategy) != {"class", "order", "none"}:
+        raise TypeError("'strategy' must be a JSON object with 'class', 'order' and 'none'")
+    order, none = strategy["order"], strategy["none"]
+    if not isinstance(strategy["class"], str):
+        raise TypeError("'strategy.class' must be a string")
+    if not _strings(order) or sorted(order) != sorted(stored):
+        raise ValueError("'strategy.order' must list exactly the strategy tensors")
+    if not _strings(none):
+        raise TypeError("'strategy.none' must be a list of strings")
+    random_state = _random_state(json.loads(metadata["random_state"]))
+    lineage = metadata["lineage"]
     if lineage and (len(lineage) != 32 or not all(c in "0123456789abcdef" for c in lineage)):
         raise ValueError(f"'lineage' must be 32 hex digits, got {lineage[:40]!r}")
     return Checkpoint(
@@ -141,11 +144,31 @@ def _parse(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> Checkpoi
         average=average or None,
         num_updates=_nonnegative_int(metadata, "num_updates"),
         random_state=random_state,
-        strategy_class=strategy.get("class"),
+        strategy_class=strategy["class"],
         strategy={k: tensors[_STRATEGY + k] for k in order},
-        strategy_none=tuple(strategy.get("none", ())),
+        strategy_none=tuple(none),
         lineage=lineage,
     )
+
+
+def _strings(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _random_state(value: object) -> tuple:
+    """A state of Python's ``random`` (version, 625 32-bit words, gauss_next), checked."""
+    if not (isinstance(value, list) and len(value) == 3):
+        raise TypeError("'random_state' must be [version, words, gauss_next]")
+    version, words, gauss_next = value
+    if not (isinstance(words, list) and len(words) == 625):
+        raise TypeError("'random_state' must hold 625 words")
+    if not all(isinstance(w, int) and not isinstance(w, bool) and 0 <= w < 2**32 for w in words):
+        raise ValueError("'random_state' words must be integers in [0, 2**32)")
+    if not (gauss_next is None or isinstance(gauss_next, float)):
+        raise TypeError("'random_state' gauss_next must be null or a float")
+    state = (version, tuple(words), gauss_next)
+    random.Random().setstate(state)  # the version and the index (last word) are checked here
+    return state
 
 
 def check_fits(checkpoint: Checkpoint, template: Mapping[str, TensorSpec], path: Path) -> None:
@@ -163,6 +186,11 @@ def check_fits(checkpoint: Checkpoint, template: Mapping[str, TensorSpec], path:
     for part, arrays in parts:
         for name, spec in template.items():
             value = arrays[name]
+            want = torch.empty(0, dtype=spec.dtype).numpy().dtype
+            if value.dtype != want:
+                raise CheckpointError(
+                    f"{path}: the {part}'s {name!r} is {value.dtype}, the model's is {want}"
+                )
             if tuple(value.shape) != spec.shape:
                 raise CheckpointError(
                     f"{path}: the {part}'s {name!r} has shape {tuple(value.shape)}, the model's "

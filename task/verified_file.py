@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.numpy import save_file
 
 DIGEST_KEY = "sha256"
@@ -35,7 +35,7 @@ def digest(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> st
     """sha256 over the tensors (by name) and the metadata (by key), excluding any digest."""
     h = hashlib.sha256()
     for name in sorted(tensors):
-        array = np.ascontiguousarray(tensors[name])
+        array = np.asarray(tensors[name], order="C")  # keeps 0-d arrays 0-d
         h.update(json.dumps([name, array.dtype.str, list(array.shape)]).encode())
         h.update(array.tobytes())
     h.update(json.dumps({k: v for k, v in sorted(metadata.items()) if k != DIGEST_KEY}).encode())
@@ -63,8 +63,13 @@ def load_verified(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         with safe_open(str(path), framework="numpy") as f:
             metadata = dict(f.metadata() or {})
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CorruptFileError(path, f"not a readable safetensors file ({err})") from None
+    except Exception as err:  # safetensors and numpy raise many kinds for a damaged file
+        raise CorruptFileError(
+            path, f"not a readable safetensors file ({type(err).__name__}: {err})"
+        ) from None
+    odd = [n for n, t in tensors.items() if t.dtype.kind not in "biuf" or t.dtype.hasobject]
+    if odd:
+        raise CorruptFileError(path, f"holds tensors of unsupported dtypes: {odd[:3]}")
     expected = metadata.get(DIGEST_KEY)
     if expected is None:
         raise CorruptFileError(path, "has no integrity digest (not written by this project?)")

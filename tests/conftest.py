@@ -1,14 +1,40 @@
-"""Shared fixtures."""
+"""Shared fixtures, and the Hypothesis profiles of the property tests."""
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterator
 
 import pytest
 import torch
+from hypothesis import HealthCheck, Phase, settings
 
 from tests.flower_harness import task_identity
+
+# Hypothesis profiles (tests/test_hostile_fuzz.py). "default": fast and deterministic, for every
+# run; "fuzz": a long randomized search, opt-in with `HYPOTHESIS_PROFILE=fuzz pytest -m fuzz`.
+# Neither keeps an example database (no .hypothesis/ folder): a failure prints its shrunk
+# example, and the fuzz profile also a @reproduce_failure blob and which lines explain it.
+settings.register_profile(
+    "default",
+    max_examples=100,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    print_blob=False,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "fuzz",
+    max_examples=2000,
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture

@@ -423,6 +423,10 @@ def test_a_bit_flip_in_a_checkpoint_is_refused_naming_the_file(tmp_path: Path):
         ({"random_state": "[1, 2]"}, "metadata is invalid"),
         ({"lineage": "../../x"}, "'lineage' must be 32 hex digits"),
         ({"strategy": '"FedAdam"'}, "'strategy' must be a JSON object"),
+        ({"strategy": '{"class": "FedAdam", "order": [], "none": []}'}, "'strategy.order'"),
+        ({"random_state": json.dumps([3, [-1] * 625, None])}, "words must be integers"),
+        ({"random_state": "[]"}, "'random_state' must be"),
+        ({"round": "[" * 3000 + "]" * 3000}, "RecursionError"),
     ],
 )
 def test_nonsense_checkpoint_metadata_is_refused(tmp_path: Path, metadata, problem):
@@ -621,3 +625,29 @@ def test_a_non_finite_aggregate_is_never_broadcast():
     assert arrays is None and metrics["train-loss"] > 0
     with pytest.raises(FederationStalledError, match="Diverged aggregate has NaN or inf"):
         strategy.aggregate_train(2, _honest(_requests(strategy, 2)))
+
+
+def test_a_state_file_with_an_unexplained_array_is_refused(tmp_path: Path):
+    """An exponents array for a tensor described as plain: read back, it used to be ignored."""
+    directory, _state = _state_file(tmp_path)
+    path = directory / "round-1.safetensors"
+    tensors, metadata = load_verified(path)
+    plain = next(k for k in json.loads(metadata["order"]) if not k.endswith("::exponents"))
+    tensors[plain + "::exponents"] = np.zeros(1, np.int8)
+    order = [*json.loads(metadata["order"]), plain + "::exponents"]
+    formats = json.loads(metadata["formats"])
+    formats[plain] = json.dumps({"shape": list(tensors[plain].shape)})
+    save_verified(
+        path, tensors, {**metadata, "order": json.dumps(order), "formats": json.dumps(formats)}
+    )
+    assert read_round_state(directory, 2) is None
+
+
+def test_a_zero_dim_tensor_relabelled_as_one_dim_breaks_the_digest(tmp_path: Path):
+    tensors = {"step": np.asarray(3.0, dtype=np.float32)}
+    save_verified(tmp_path / "f.safetensors", tensors, {})
+    loaded, _ = load_verified(tmp_path / "f.safetensors")
+    assert loaded["step"].shape == ()
+    from task.verified_file import digest
+
+    assert digest({"step": np.zeros(1, np.float32) + 3}, {}) != digest(tensors, {})

@@ -478,7 +478,7 @@ def test_non_numpy_stype_rejected():
     arrays, formats = _encode()
     bogus = Array(dtype="int8", shape=(3,), stype="bogus", data=b"abc")
     arrays = with_item(arrays, "fc.bias", bogus)
-    with pytest.raises(WireFormatError, match="array 'fc.bias' cannot be read"):
+    with pytest.raises(WireFormatError, match="array 'fc.bias' has serialization type 'bogus'"):
         _decode(arrays, formats)
 
 
@@ -519,7 +519,7 @@ def test_pickled_object_array_is_never_unpickled():
     evil = Array(dtype="object", shape=(2,), stype="numpy.ndarray", data=payload)
     arrays = with_item(arrays, "bn.running_var", evil)
     formats = with_item(formats, "bn.running_var", json.dumps({"shape": [2]}))
-    with pytest.raises(WireFormatError, match="array 'bn.running_var' cannot be read"):
+    with pytest.raises(WireFormatError, match="array 'bn.running_var' has unsupported dtype object"):
         decode_tensors(arrays, formats)  # no expected spec: the payload is what is checked
     with pytest.raises(WireFormatError):
         read_tensors(arrays, formats)
@@ -543,3 +543,31 @@ def test_big_endian_int_buffer_rejected_with_wire_error():
     arrays = with_item(arrays, "bn.num_batches_tracked", Array(np.array(7, ">i8")))
     with pytest.raises(WireFormatError, match="bn.num_batches_tracked"):
         _decode(arrays, formats)
+
+
+def test_a_npy_header_claiming_more_than_its_bytes_allocates_nothing():
+    """np.load allocates the claimed shape before reading: a 150-byte array claiming 50 M floats
+    reserved 200 MB. The header must describe exactly the bytes that follow."""
+    import tracemalloc
+
+    arrays, formats = _encode()
+    header = {"descr": "<f4", "fortran_order": False, "shape": (50_000_000,)}
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, header)
+    lying = Array(
+        dtype="float32",
+        shape=(50_000_000,),
+        stype="numpy.ndarray",
+        data=buffer.getvalue() + b"\0" * 8,
+    )
+    arrays = with_item(arrays, "bn.running_var", lying)
+    tracemalloc.start()
+    try:
+        with pytest.raises(
+            WireFormatError, match="claims shape \\(50000000,\\) .* carries 8 bytes"
+        ):
+            decode_tensors(arrays, formats)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, peak

@@ -27,6 +27,8 @@ from .format import FULL_PRECISION_BITS, BlockFloat
 
 EXPONENT_SUFFIX = "::exponents"
 FORMAT_SUFFIX = "-format"
+#: Most dimensions, and largest dimension, of an accepted array (models are far smaller).
+MAX_DIMS, MAX_DIM = 8, 1 << 31
 #: Longest accepted format description; real ones are under 100 characters.
 MAX_FORMAT_CHARS = 512
 
@@ -215,7 +217,7 @@ def _parse_formats(formats: ConfigRecord) -> dict[str, dict]:
             shape = tuple(_int(d) for d in description["shape"])
         except (ValueError, KeyError, TypeError) as err:
             raise WireFormatError(f"format of {name!r} is malformed: {err}") from None
-        if any(d < 0 for d in shape) or len(shape) > 8:
+        if any(d < 0 for d in shape) or len(shape) > MAX_DIMS:
             raise WireFormatError(f"format of {name!r} has an invalid shape {shape}")
         description["shape"] = shape
         described[name] = description
@@ -245,6 +247,8 @@ def _numpy(name: str, array: Array) -> np.ndarray:
         raise WireFormatError(f"array {name!r} cannot be read: {err}") from None
     if dtype.hasobject or dtype.kind not in "biuf" or dtype.fields is not None:
         raise WireFormatError(f"array {name!r} has unsupported dtype {dtype}")
+    if len(shape) > MAX_DIMS or any(d > MAX_DIM for d in shape):
+        raise WireFormatError(f"array {name!r} claims an impossible shape {shape}")
     count = math.prod(shape)
     body = len(data) - stream.tell()
     if count * dtype.itemsize != body:

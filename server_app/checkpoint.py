@@ -87,6 +87,7 @@ def save_checkpoint(
                 "class": type(inner_strategy(strategy)).__name__,
                 "order": list(inner_state),
                 "none": none_attributes(strategy),
+                "dtypes": {key: value.dtype.str for key, value in inner_state.items()},
             }
         ),
     }
@@ -125,15 +126,20 @@ def _parse(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> Checkpoi
     average = {k[len(_AVERAGE) :]: v for k, v in tensors.items() if k.startswith(_AVERAGE)}
     stored = {k[len(_STRATEGY) :] for k in tensors if k.startswith(_STRATEGY)}
     strategy = json.loads(metadata["strategy"])
-    if not isinstance(strategy, dict) or set(strategy) != {"class", "order", "none"}:
-        raise TypeError("'strategy' must be a JSON object with 'class', 'order' and 'none'")
-    order, none = strategy["order"], strategy["none"]
+    if not isinstance(strategy, dict) or set(strategy) != {"class", "order", "none", "dtypes"}:
+        raise TypeError("'strategy' must be a JSON object with 'class', 'order', 'none', 'dtypes'")
+    order, none, dtypes = strategy["order"], strategy["none"], strategy["dtypes"]
     if not isinstance(strategy["class"], str):
         raise TypeError("'strategy.class' must be a string")
     if not _strings(order) or sorted(order) != sorted(stored):
         raise ValueError("'strategy.order' must list exactly the strategy tensors")
     if not _strings(none):
         raise TypeError("'strategy.none' must be a list of strings")
+    if not isinstance(dtypes, dict) or set(dtypes) != set(order):
+        raise ValueError("'strategy.dtypes' must give the dtype of every strategy tensor")
+    for key in order:
+        if tensors[_STRATEGY + key].dtype.str != dtypes[key]:
+            raise ValueError(f"strategy tensor {key!r} is not of its recorded dtype {dtypes[key]}")
     random_state = _random_state(json.loads(metadata["random_state"]))
     lineage = metadata["lineage"]
     if lineage and (len(lineage) != 32 or not all(c in "0123456789abcdef" for c in lineage)):

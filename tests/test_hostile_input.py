@@ -423,7 +423,10 @@ def test_a_bit_flip_in_a_checkpoint_is_refused_naming_the_file(tmp_path: Path):
         ({"random_state": "[1, 2]"}, "metadata is invalid"),
         ({"lineage": "../../x"}, "'lineage' must be 32 hex digits"),
         ({"strategy": '"FedAdam"'}, "'strategy' must be a JSON object"),
-        ({"strategy": '{"class": "FedAdam", "order": [], "none": []}'}, "'strategy.order'"),
+        (
+            {"strategy": '{"class": "FedAdam", "order": [], "none": [], "dtypes": {}}'},
+            "'strategy.order'",
+        ),
         ({"random_state": json.dumps([3, [-1] * 625, None])}, "words must be integers"),
         ({"random_state": "[]"}, "'random_state' must be"),
         ({"round": "[" * 3000 + "]" * 3000}, "RecursionError"),

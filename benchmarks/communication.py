@@ -17,8 +17,8 @@ from flwr.app import RecordDict
 from omegaconf import OmegaConf
 
 from benchmarks.report import RESULTS_DIR, Figure, print_figures, write_results
+from lowprec_fl.wire import FORMAT_SUFFIX, encode_tensors, float32_size, serialized_size
 from models import build_model
-from quantization.wire import FORMAT_SUFFIX, encode_tensors, float32_size, serialized_size
 from task.config import load_config
 from task.formats import uplink_format
 from task.model import float_buffer_names

@@ -11,9 +11,19 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
-from quantization.wire import (
+from lowprec_fl.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
     FORMAT_SUFFIX,
+    LINEAGE_KEY,
     MESSAGE_SLACK_BYTES,
+    METRICS_KEY,
+    PARTITION_KEY,
+    PROXIMAL_MU_KEY,
+    ROUND_KEY,
+    WEIGHT_KEY,
+)
+from lowprec_fl.wire import (
     WireFormatError,
     decode_tensors,
     encode_tensors,
@@ -21,7 +31,6 @@ from quantization.wire import (
     serialized_size,
     specs_of,
 )
-from strategies.low_precision import LINEAGE_KEY
 from task.allocator import retain_freed_memory
 from task.config import load_config, resolve_device
 from task.data import client_data
@@ -37,19 +46,18 @@ from .state import (
     write_round_state,
 )
 
-ARRAYS_KEY = "arrays"
 app = ClientApp()
 
 
 def _partition(cfg: DictConfig, context: Context) -> tuple[int, int]:
     """(partition id, number of partitions) from the SuperNode's ``--node-config``."""
     node = context.node_config
-    if "partition-id" not in node:
+    if PARTITION_KEY not in node:
         raise ValueError(
             "this SuperNode has no partition: start it with "
             "--node-config 'partition-id=<i> num-partitions=<N>'"
         )
-    return int(node["partition-id"]), int(node.get("num-partitions", cfg.federation.num_clients))
+    return int(node[PARTITION_KEY]), int(node.get("num-partitions", cfg.federation.num_clients))
 
 
 #: Largest server round a client accepts (it names the client's state files).
@@ -125,8 +133,8 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.train.retain_freed_memory:
         retain_freed_memory()
     partition_id, num_partitions = _partition(cfg, context)
-    config = msg.content.config_records.get("config", {})
-    server_round = _config_value(config, "server-round", 0, int, 0, MAX_ROUND)
+    config = msg.content.config_records.get(CONFIG_KEY, {})
+    server_round = _config_value(config, ROUND_KEY, 0, int, 0, MAX_ROUND)
     device = resolve_device(cfg)
     train_data, _ = client_data(cfg, partition_id, num_partitions)
     model = build_configured_model(cfg)
@@ -155,7 +163,7 @@ def train(msg: Message, context: Context) -> Message:
         batch_size=int(t.batch_size),
         generator=generator,
         device=device,
-        proximal_mu=float(_config_value(config, "proximal-mu", 0.0, float, 0.0, 1e6)),
+        proximal_mu=float(_config_value(config, PROXIMAL_MU_KEY, 0.0, float, 0.0, 1e6)),
         max_steps=int(t.max_steps),
     )
     state_bytes = 0
@@ -172,7 +180,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     metrics = MetricRecord(
         {
-            "num-examples": result.num_examples,
+            WEIGHT_KEY: result.num_examples,
             "train-loss": result.loss,
             "train-steps": result.steps,
             "payload-bytes": arrays.count_bytes(),
@@ -181,7 +189,7 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     content = RecordDict(
-        {ARRAYS_KEY: arrays, ARRAYS_KEY + FORMAT_SUFFIX: formats, "metrics": metrics}
+        {ARRAYS_KEY: arrays, ARRAYS_KEY + FORMAT_SUFFIX: formats, METRICS_KEY: metrics}
     )
     return Message(content, reply_to=msg)
 
@@ -191,8 +199,8 @@ def query(msg: Message, context: Context) -> Message:
     """Tell the server this node's partition id (it orders nodes by it to sample reproducibly)."""
     cfg = load_config(context.run_config)
     partition_id, _ = _partition(cfg, context)
-    metrics = MetricRecord({"partition-id": partition_id})
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    metrics = MetricRecord({PARTITION_KEY: partition_id})
+    return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
 
 
 @app.evaluate()
@@ -207,9 +215,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     _receive_model(msg, cfg, model)
     loss, accuracy = evaluate_model(model.to(device), test_data, cfg.server.eval_batch_size, device)
     metrics = MetricRecord(
-        {"num-examples": len(test_data), "eval-loss": loss, "eval-accuracy": accuracy}
+        {WEIGHT_KEY: len(test_data), "eval-loss": loss, "eval-accuracy": accuracy}
     )
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
 
 
 __all__ = ["app"]

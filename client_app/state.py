@@ -19,13 +19,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.common import log
 from omegaconf import DictConfig
 
-from quantization import FP32, LowPrecisionOptimizer
-from quantization.wire import (
+from lowprec_fl.wire import (
     EXPONENT_SUFFIX,
     FORMAT_SUFFIX,
     encode_tensors,
     read_tensors,
 )
+from quantization import FP32, LowPrecisionOptimizer
 from task.verified_file import CorruptFileError, load_verified, save_verified
 
 STATE_KEY = "optimizer-state"

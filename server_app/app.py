@@ -15,7 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from quantization.wire import TensorSpec, specs_of
+from lowprec_fl.wire import TensorSpec, specs_of
 from strategies import LowPrecisionStrategy
 from strategies.factory import build_strategy
 from task.config import load_config, resolve_device

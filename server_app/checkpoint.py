@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quantization.wire import TensorSpec
+from lowprec_fl.wire import TensorSpec
 from strategies import LowPrecisionStrategy
 from strategies.state import (
     SEPARATOR,

@@ -8,7 +8,7 @@ from flwr.serverapp import strategy as flwr_strategies
 from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig, OmegaConf
 
-from quantization.wire import TensorSpec
+from lowprec_fl.wire import TensorSpec
 from task.data import ExampleBounds
 from task.formats import downlink_format, uplink_format
 

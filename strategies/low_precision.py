@@ -18,8 +18,8 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvgM, Strategy
 
-from quantization import BlockFloat
-from quantization.wire import (
+from lowprec_fl.protocol import LINEAGE_KEY, METRICS_KEY, WEIGHT_KEY
+from lowprec_fl.wire import (
     FORMAT_SUFFIX,
     MESSAGE_SLACK_BYTES,
     TensorSpec,
@@ -30,6 +30,7 @@ from quantization.wire import (
     payload_limit,
     serialized_size,
 )
+from quantization import BlockFloat
 
 from .metrics import aggregate_metrics, checked_metrics
 from .moving_average import ServerMovingAverage
@@ -37,9 +38,6 @@ from .node_order import PartitionOrder, seeded_sampling
 from .update_guard import RejectedUpdateError, UpdateGuard, model_norm
 
 Weighting = Literal["num-examples", "uniform"]
-METRICS_KEY = "metrics"
-#: Train-config key naming the run lineage (a run and its resumptions), see ``lineage``.
-LINEAGE_KEY = "lineage"
 #: Largest accepted aggregation weight whatever the guard says: sums stay far from overflow.
 MAX_WEIGHT = 1e12
 _PHASE_SEED = {"train": 0, "evaluate": 1}
@@ -126,7 +124,7 @@ class LowPrecisionStrategy(Strategy):
         #: Names this run and any run that resumes it; clients key their state files by it.
         self.lineage = uuid.uuid4().hex
         self.arrayrecord_key: str = getattr(inner, "arrayrecord_key", "arrays")
-        self.weight_key: str = getattr(inner, "weighted_by_key", "num-examples")
+        self.weight_key: str = getattr(inner, "weighted_by_key", WEIGHT_KEY)
         self._fp32_arrays_bytes = _fp32_record_bytes(self.template, self.arrayrecord_key)
 
     @property

@@ -23,7 +23,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import strategy_utils
 
-PARTITION_KEY = "partition-id"
+from lowprec_fl.protocol import CONFIG_KEY, METRICS_KEY, PARTITION_KEY
 
 
 class PartitionOrder:
@@ -40,14 +40,14 @@ class PartitionOrder:
         if not unknown:
             return
         self.asked.update(unknown)
-        content = RecordDict({"config": ConfigRecord({"query": PARTITION_KEY})})
+        content = RecordDict({CONFIG_KEY: ConfigRecord({"query": PARTITION_KEY})})
         messages = [
             Message(content=content, message_type=MessageType.QUERY, dst_node_id=node)
             for node in unknown
         ]
         for reply in grid.send_and_receive(messages, timeout=self.timeout):
             node = reply.metadata.src_node_id
-            metrics = None if reply.has_error() else reply.content.metric_records.get("metrics")
+            metrics = None if reply.has_error() else reply.content.metric_records.get(METRICS_KEY)
             value = metrics.get(PARTITION_KEY) if metrics is not None else None
             if isinstance(value, int) and not isinstance(value, bool):
                 self.partitions[node] = value

@@ -1,6 +1,6 @@
 """Server-side defences against a client whose update is well-formed but harmful.
 
-Structural checks (names, shapes, dtypes, formats, finite values) live in ``quantization.wire``.
+Structural checks (names, shapes, dtypes, formats, finite values) live in ``lowprec_fl.wire``.
 This module bounds what a *valid-looking* update can do to the global model:
 
 * **Claimed weight.** A training reply's ``num-examples`` may not exceed ``max_weight``, the

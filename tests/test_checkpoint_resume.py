@@ -24,8 +24,8 @@ from client_app.state import (
     state_directory,
     write_round_state,
 )
+from lowprec_fl.wire import FORMAT_SUFFIX, encode_tensors, specs_of
 from quantization import FP32
-from quantization.wire import FORMAT_SUFFIX, encode_tensors, specs_of
 from server_app import checkpoint as checkpoint_module
 from server_app.app import main
 from server_app.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore, save_checkpoint

@@ -14,9 +14,7 @@ from omegaconf.errors import ReadonlyConfigError
 
 from client_app.app import app as client_app
 from client_app.state import STATE_KEY
-from quantization import BlockFloat, quantize
-from quantization.codec import QuantizedTensor
-from quantization.wire import (
+from lowprec_fl.wire import (
     FORMAT_SUFFIX,
     WireFormatError,
     decode_tensors,
@@ -24,6 +22,8 @@ from quantization.wire import (
     read_tensors,
     specs_of,
 )
+from quantization import BlockFloat, quantize
+from quantization.codec import QuantizedTensor
 from task.config import ConfigError, load_config, resolve_device, run_config_overrides
 from task.data import client_data
 from task.formats import downlink_format

@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 
 import client_app.app as client_module
 from client_app.app import app as client_app
+from lowprec_fl.wire import decode_tensors, read_tensors
 from quantization import BlockFloat, quantize
-from quantization.wire import decode_tensors, read_tensors
 from server_app.app import main
 from server_app.checkpoint import CheckpointError
 from task.config import load_config

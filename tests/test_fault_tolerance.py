@@ -31,8 +31,8 @@ from flwr.common.constant import ErrorCode
 from safetensors.torch import load_file
 
 from client_app.app import app as client_app
+from lowprec_fl.wire import EXPONENT_SUFFIX, encode_tensors, specs_of
 from quantization import BlockFloat
-from quantization.wire import EXPONENT_SUFFIX, encode_tensors, specs_of
 from server_app.app import main as server_main
 from strategies import LowPrecisionStrategy
 from strategies.factory import build_strategy

@@ -53,10 +53,7 @@ from client_app.state import (
     state_directory,
     write_round_state,
 )
-from quantization import FP32, BlockFloat
-from quantization.codec import encode
-from quantization.format import LAYOUTS
-from quantization.wire import (
+from lowprec_fl.wire import (
     EXPONENT_SUFFIX,
     FORMAT_SUFFIX,
     TensorSpec,
@@ -66,6 +63,9 @@ from quantization.wire import (
     payload_limit,
     specs_of,
 )
+from quantization import FP32, BlockFloat
+from quantization.codec import encode
+from quantization.format import LAYOUTS
 from server_app.checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,

@@ -22,7 +22,8 @@ from client_app.state import (
     state_directory,
     write_round_state,
 )
-from quantization.wire import decode_tensors, specs_of
+from lowprec_fl.protocol import LINEAGE_KEY
+from lowprec_fl.wire import decode_tensors, specs_of
 from server_app.app import main
 from server_app.checkpoint import (
     CHECKPOINT_NAME,
@@ -32,7 +33,7 @@ from server_app.checkpoint import (
     save_checkpoint,
 )
 from server_app.results import ResultsWriter
-from strategies.low_precision import LINEAGE_KEY, FederationStalledError
+from strategies.low_precision import FederationStalledError
 from strategies.update_guard import UpdateGuard
 from task.config import load_config
 from task.data import client_data, max_client_examples

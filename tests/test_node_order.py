@@ -10,7 +10,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from client_app.app import app as client_app
-from quantization.wire import specs_of
+from lowprec_fl.wire import specs_of
 from strategies.factory import build_strategy
 from strategies.node_order import PartitionOrder
 from task.config import load_config

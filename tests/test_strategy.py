@@ -29,16 +29,17 @@ from flwr.serverapp.strategy import FedAvg
 from omegaconf import OmegaConf
 
 from client_app.app import app as client_app
-from quantization import FP32, BlockFloat, quantize
-from quantization.wire import (
+from lowprec_fl.protocol import LINEAGE_KEY
+from lowprec_fl.wire import (
     TensorSpec,
     decode_tensors,
     encode_tensors,
     specs_of,
 )
+from quantization import FP32, BlockFloat, quantize
 from strategies import LowPrecisionStrategy, ServerMovingAverage
 from strategies.factory import build_strategy
-from strategies.low_precision import LINEAGE_KEY, content_digest
+from strategies.low_precision import content_digest
 from task.config import load_config
 from task.model import build_configured_model, float_buffer_names
 from tests.flower_harness import InProcessGrid
@@ -194,7 +195,7 @@ def _assert_model_close(arrays: ArrayRecord, expected: Mapping[str, np.ndarray],
 
 
 def _content_bytes(message: Message) -> int:
-    """Bytes of a message's content on the wire, measured independently of ``quantization.wire``.
+    """Bytes of a message's content on the wire, measured independently of ``lowprec_fl.wire``.
 
     The whole Message is serialized to protobuf bytes and parsed back, as Flower's transport
     does; the length of the content field's serialization is returned.
@@ -399,7 +400,7 @@ def _logged_sizes(caplog, direction: str) -> list[int]:
 
 
 def test_traffic_matches_serialized_messages_and_flowers_message_size_mod(caplog):
-    """Round traffic against two measures that do not use ``quantization.wire``: the protobuf
+    """Round traffic against two measures that do not use ``lowprec_fl.wire``: the protobuf
     bytes of every message sent through a serialize/parse round trip (exact), and the sizes
     Flower's ``message_size_mod`` logs on the client (the records' bytes without protobuf's
     framing, so the counts exceed them by at most the framing of each entry)."""

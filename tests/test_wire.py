@@ -11,10 +11,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from models import ConvNet, resnet18_cifar
-from quantization import BlockFloat, quantize, quantize_codes
-from quantization.codec import QuantizedTensor
-from quantization.wire import (
+from lowprec_fl.wire import (
     EXPONENT_SUFFIX,
     WireFormatError,
     decode_tensors,
@@ -24,6 +21,9 @@ from quantization.wire import (
     serialized_size,
     specs_of,
 )
+from models import ConvNet, resnet18_cifar
+from quantization import BlockFloat, quantize, quantize_codes
+from quantization.codec import QuantizedTensor
 from tests.shared_helpers import with_item
 
 QUANTIZED_BITS = [2, 3, 4, 5, 6, 7, 8]

@@ -22,8 +22,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.constant import SType
 from flwr.common.serde import recorddict_to_proto
 
-from .codec import QuantizedTensor, encode
-from .format import FULL_PRECISION_BITS, BlockFloat
+from quantization.codec import QuantizedTensor, encode
+from quantization.format import FULL_PRECISION_BITS, BlockFloat
 
 EXPONENT_SUFFIX = "::exponents"
 FORMAT_SUFFIX = "-format"

@@ -1,0 +1,50 @@
+"""The message protocol between the ServerApp and the ClientApp: one home for every key.
+
+Broadcast (server -> client), a train or evaluate message:
+
+* ``ARRAYS_KEY``: an ``ArrayRecord`` holding the model as quantized tensors (see ``wire``);
+* ``ARRAYS_KEY + FORMAT_SUFFIX``: the ``ConfigRecord`` describing each tensor's format;
+* ``CONFIG_KEY``: a ``ConfigRecord`` with ``ROUND_KEY``, ``LINEAGE_KEY`` (train) and the inner
+  strategy's own keys (e.g. ``PROXIMAL_MU_KEY`` for FedProx).
+
+Reply (client -> server): the same two array records for training, and ``METRICS_KEY``, a
+``MetricRecord`` whose ``WEIGHT_KEY`` is the number of examples the client used.
+
+Partition query (server -> every node, once): a query message whose ``CONFIG_KEY`` record asks
+for ``PARTITION_KEY``; the reply's ``METRICS_KEY`` record carries it.
+"""
+
+from __future__ import annotations
+
+from lowprec_fl.wire import EXPONENT_SUFFIX, FORMAT_SUFFIX, MESSAGE_SLACK_BYTES
+
+#: The ArrayRecord of the model (Flower's strategies default to the same name).
+ARRAYS_KEY = "arrays"
+#: The ConfigRecord of the server's settings for a round (Flower's default name).
+CONFIG_KEY = "config"
+#: The MetricRecord of a reply.
+METRICS_KEY = "metrics"
+#: The config key of the server round (Flower's strategies set it).
+ROUND_KEY = "server-round"
+#: The config key of FedProx's proximal term (Flower's FedProx sets it).
+PROXIMAL_MU_KEY = "proximal-mu"
+#: The train-config key naming the run lineage (a run and its resumptions): 32 hex digits.
+LINEAGE_KEY = "lineage"
+#: The metric weighting a reply (Flower's ``weighted_by_key`` default).
+WEIGHT_KEY = "num-examples"
+#: The node-config key and query metric of a node's data partition.
+PARTITION_KEY = "partition-id"
+
+__all__ = [
+    "ARRAYS_KEY",
+    "CONFIG_KEY",
+    "EXPONENT_SUFFIX",
+    "FORMAT_SUFFIX",
+    "LINEAGE_KEY",
+    "MESSAGE_SLACK_BYTES",
+    "METRICS_KEY",
+    "PARTITION_KEY",
+    "PROXIMAL_MU_KEY",
+    "ROUND_KEY",
+    "WEIGHT_KEY",
+]

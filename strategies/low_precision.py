@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import uuid
 from collections.abc import Iterable, Mapping
@@ -338,7 +337,7 @@ class LowPrecisionStrategy(Strategy):
                 log(WARNING, "Round %d: rejected the reply from %s", server_round, reason)
         # Arrival order varies, and node ids change when a run is resumed or redeployed: order
         # by content, so float32 sums (and resumed runs) are reproducible bit for bit.
-        candidates.sort(key=lambda c: content_digest(c.reply.content))
+        candidates.sort(key=lambda c: content_digest(c.reply.content, self.weight_key))
         if with_arrays and reference is not None:
             norms = [c.norm for c in candidates]
             traffic.update_norm_ratios = [n / max(reference.norm, 1e-12) for n in norms]
@@ -460,19 +459,20 @@ class _Candidate:
     norm: float = 0.0
 
 
-def content_digest(content: RecordDict) -> bytes:
-    """A digest of a reply's arrays and metrics, independent of who sent it and when.
+def content_digest(content: RecordDict, weight_key: str = WEIGHT_KEY) -> bytes:
+    """A digest of what a reply contributes to the aggregate: its arrays and its weight.
 
     Replies are aggregated in the order of this digest (of the reply as received): the same
-    replies give the same float32 sums whatever their node ids and arrival order.
+    updates give the same float32 sums whatever their node ids and arrival order. Other
+    metrics (timings, losses) stay out of it: they differ between runs of the same updates.
     """
     h = hashlib.blake2b(digest_size=16)
     for record_name, record in sorted(content.array_records.items()):
         h.update(record_name.encode())
         for name, array in record.items():
             h.update(name.encode() + b"\0" + array.dtype.encode() + bytes(array.data))
-    for record_name, record in sorted(content.metric_records.items()):
-        h.update(json.dumps([record_name, sorted(record.items())]).encode())
+    for record in content.metric_records.values():
+        h.update(repr(record.get(weight_key)).encode())
     return h.digest()
 
 

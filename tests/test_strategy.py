@@ -1090,3 +1090,28 @@ def test_fedavgm_steps_from_the_model_the_clients_received():
     for k in template:  # w = ref - lr * (ref - avg), with ref = what the clients received
         want = received[k] - 0.5 * (received[k] - average[k])
         np.testing.assert_allclose(arrays[k].numpy(), want, rtol=1e-6, atol=1e-7)
+
+
+def test_the_aggregate_is_bit_identical_whatever_the_arrival_order_and_timings():
+    """Replies are summed in the order of what they contribute (arrays and weight), so the
+    same updates give the same float32 model even when their timing metrics differ (they
+    do between a run and its resumption) and they arrive in another order."""
+    template = _float_template()
+    models = [_client_state(node, template) for node in range(21, 26)]  # 5 replies: order matters
+
+    def aggregate(order: list[int], seconds: float) -> dict[str, np.ndarray]:
+        strategy = _strategy(template, uplink_bits=32, downlink=FP32)
+        requests = _requests(strategy, template=template)
+        replies = []
+        for slot, i in enumerate(order):
+            metrics = {"num-examples": 10 + i, "train-seconds": seconds * (slot + 1)}
+            content = _content(models[i], bits=32, metrics=metrics)
+            replies.append(_reply(requests[slot % len(requests)], content))
+            replies[-1].metadata.__dict__["_src_node_id"] = 100 + slot  # distinct senders
+        arrays, _ = strategy.aggregate_train(1, replies)
+        return {k: arrays[k].numpy() for k in arrays}
+
+    first = aggregate([0, 1, 2, 3, 4], seconds=1.0)
+    for order, seconds in [([4, 3, 2, 1, 0], 2.5), ([2, 0, 4, 1, 3], 0.1)]:
+        again = aggregate(order, seconds)
+        assert all(np.array_equal(first[k], again[k]) for k in first)

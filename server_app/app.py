@@ -19,7 +19,7 @@ from lowprec_fl.wire import TensorSpec, specs_of
 from strategies import LowPrecisionStrategy
 from strategies.factory import build_strategy
 from task.config import load_config, resolve_device
-from task.data import central_test_data, max_client_examples
+from task.data import ExampleBounds, central_test_data, max_client_examples
 from task.model import build_configured_model, float_buffer_names
 from task.training import evaluate_model
 
@@ -100,6 +100,20 @@ class RoundRecorder:
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
 
+def _example_bounds(cfg: DictConfig, connected: int) -> ExampleBounds:
+    """The weight caps for clients that partition the data like the config or the federation.
+
+    A client splits the data into its ``num-partitions``: ``federation.num_clients`` by
+    default, the number of SuperNodes in simulation. The largest partition does not shrink
+    steadily with the count, so the cap is the larger of the two counts' bounds.
+    """
+    counts = {int(cfg.federation.num_clients), connected} - {0}
+    bounds = [max_client_examples(cfg, n) for n in sorted(counts)]
+    return ExampleBounds(
+        train=max(b.train for b in bounds), evaluate=max(b.evaluate for b in bounds)
+    )
+
+
 def _number(value: object) -> float | None:
     """A scalar metric as a float; None when absent (or a list)."""
     return float(value) if isinstance(value, int | float) else None
@@ -158,10 +172,7 @@ def main(grid: Grid, context: Context) -> None:
     model = build_configured_model(cfg)
     template = {name: t.detach().clone() for name, t in model.state_dict().items()}
     connected = len(list(grid.get_node_ids()))
-    # Clients partition by their own num-partitions (in simulation, the SuperNodes): fewer
-    # partitions are larger, so the weight cap takes the smaller count.
-    partitions = min(int(cfg.federation.num_clients), connected or int(cfg.federation.num_clients))
-    bounds = None if cfg.server.max_num_examples else max_client_examples(cfg, partitions)
+    bounds = None if cfg.server.max_num_examples else _example_bounds(cfg, connected)
     strategy = build_strategy(cfg, specs_of(template), float_buffer_names(model), bounds)
     initial = ArrayRecord({name: Array(t.numpy()) for name, t in template.items()})
     if cfg.server.resume:

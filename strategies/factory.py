@@ -53,9 +53,11 @@ def build_update_guard(cfg: DictConfig, bounds: ExampleBounds | None) -> UpdateG
     """
     server = cfg.server
     cap = int(server.max_num_examples)
+    train = cap or (bounds.train if bounds else 0)
+    evaluate = cap or (bounds.evaluate if bounds else 0)  # 0: no held-out split, no evaluation
     return UpdateGuard(
-        max_weight=float(cap or bounds.train) if cap or bounds else None,
-        max_eval_weight=float(cap or bounds.evaluate) if cap or bounds else None,
+        max_weight=float(train) or None,
+        max_eval_weight=float(evaluate) or None,
         max_norm_ratio=float(server.max_update_norm_ratio),
         clip_factor=float(server.update_clip_factor),
     )

@@ -655,3 +655,45 @@ def test_a_zero_dim_tensor_relabelled_as_one_dim_breaks_the_digest(tmp_path: Pat
     from task.verified_file import digest
 
     assert digest({"step": np.zeros(1, np.float32) + 3}, {}) != digest(tensors, {})
+
+
+def test_no_held_out_split_means_no_evaluation_cap_and_the_server_starts(tmp_path: Path):
+    """The paper presets set partition.test_fraction=0: the evaluation cap was 0, an error."""
+    from strategies.factory import build_update_guard
+    from task.data import ExampleBounds
+
+    cfg = load_config({"overrides": "dataset=synthetic partition.test_fraction=0"})
+    guard = build_update_guard(cfg, ExampleBounds(train=540, evaluate=0))
+    assert guard.max_weight == 540 and guard.max_eval_weight is None
+    run_config = {
+        "overrides": "dataset=synthetic partition.test_fraction=0 federation.num_rounds=1 "
+        "federation.num_clients=2 federation.fraction_train=1 train.max_steps=1",
+        "output-dir": str(tmp_path),
+    }
+    context = Context(
+        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+    )
+    main(InProcessGrid(client_app, 2, run_config), context)
+    rows = json.loads((tmp_path / "results.json").read_text())["rounds"]
+    assert rows[-1]["rejected_updates"] == 0 and rows[-1]["uplink_bytes"] > 0
+
+
+@pytest.mark.parametrize("connected", [2, 3, 5, 8])
+def test_the_weight_cap_admits_clients_that_partition_by_the_config_or_the_federation(
+    connected: int,
+):
+    """Clients split the data into num_clients partitions (deployment default) or into as
+    many as there are SuperNodes (simulation); the largest partition is not monotone in the
+    count, so the cap must admit both."""
+    from server_app.app import _example_bounds
+
+    cfg = load_config(
+        {
+            "overrides": "dataset=synthetic partition.scheme=dirichlet partition.alpha=0.5 "
+            "federation.num_clients=6"
+        }
+    )
+    bounds = _example_bounds(cfg, connected)
+    for n in (6, connected):
+        honest = max(len(client_data(cfg, i, n)[0]) for i in range(n))
+        assert honest <= bounds.train

@@ -157,7 +157,8 @@ def test_a_list_metric_cannot_crash_aggregation():
     replies.append(_reply(requests[2], odd))
     arrays, metrics = strategy.aggregate_train(1, replies)  # raised TypeError before
     assert arrays is not None and strategy.traffic[1].rejected == []
-    assert "train-loss" not in metrics  # numbers and a list disagree: left out, logged
+    # most replies send a number: the list is left out (logged), the others still count
+    assert metrics["train-loss"] == pytest.approx((1.0 + 2.0) / 2)
 
     evaluated = strategy.aggregate_evaluate(
         1,
@@ -166,7 +167,7 @@ def test_a_list_metric_cannot_crash_aggregation():
             _reply(requests[1], RecordDict({"m": MetricRecord({"num-examples": 5, "acc": [0.1]})})),
         ],
     )
-    assert "acc" not in evaluated
+    assert evaluated["acc"] == 0.5  # a tie: the first reply's form (a number) counts
 
 
 def test_a_metric_one_client_omits_is_averaged_over_the_others():
@@ -697,3 +698,31 @@ def test_the_weight_cap_admits_clients_that_partition_by_the_config_or_the_feder
     for n in (6, connected):
         honest = max(len(client_data(cfg, i, n)[0]) for i in range(n))
         assert honest <= bounds.train
+
+
+def test_a_minority_list_cannot_remove_a_metric_for_everyone():
+    strategy = _strategy()
+    requests = _requests(strategy)
+    losses = [0.5, 0.7, [1.0], 0.9]  # one client sends a list, another length would do the same
+    replies = [
+        _reply(
+            r,
+            _content(
+                _client_state(r.metadata.dst_node_id), metrics={"num-examples": 10, "loss": v}
+            ),
+        )
+        for r, v in zip(requests, losses, strict=True)
+    ]
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert metrics["loss"] == pytest.approx((0.5 + 0.7 + 0.9) / 3)
+
+
+def test_metric_names_are_bounded():
+    strategy = _strategy()
+    requests = _requests(strategy)
+    replies = _honest(requests[:3])
+    long_names = {"num-examples": 10, **{f"{i:04d}" + "x" * 20_000: 1.0 for i in range(3)}}
+    replies.append(_reply(requests[3], _content(_client_state(14), metrics=long_names)))
+    _, metrics = strategy.aggregate_train(1, replies)
+    assert _rejected_nodes(strategy, 1) == [requests[3].metadata.dst_node_id]
+    assert all(len(k) < 100 for k in metrics)

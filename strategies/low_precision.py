@@ -413,6 +413,7 @@ class LowPrecisionStrategy(Strategy):
             max_bytes=self.max_update_bytes,
         )
         if reference is not None:
+            self.guard.check_buffers(candidate.tensors, reference.tensors)
             candidate.norm = self.guard.check_norm(
                 candidate.tensors, reference.tensors, reference.norm
             )

@@ -28,6 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
+#: Integers exactly representable in float64, through which Flower averages integer arrays.
+MAX_EXACT_INTEGER = 2**52
+
 
 class RejectedUpdateError(ValueError):
     """An update that passed the format checks but may not be aggregated; says why."""
@@ -83,6 +86,28 @@ class UpdateGuard:
                     f"model it was trained from ({bound:.4g}; server.max_update_norm_ratio)"
                 )
         return norm
+
+    def check_buffers(
+        self, model: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]
+    ) -> None:
+        """Bounds the norm does not cover: integer buffers and BatchNorm variances.
+
+        An integer tensor (``num_batches_tracked``) counts steps, so it may grow by at most
+        ``max_weight`` (a client takes no more steps than it has examples) and never shrink;
+        a ``*.running_var`` buffer is a variance and may not be negative.
+        """
+        step_cap = self.max_weight if self.max_weight is not None else float(MAX_EXACT_INTEGER)
+        for name, value in model.items():
+            if value.is_floating_point():
+                if name.endswith("running_var") and bool((value < 0).any()):
+                    raise RejectedUpdateError(f"{name!r} is a variance and holds negative values")
+                continue
+            step = (value.long() - reference[name].long()).reshape(-1)
+            if step.numel() and not (int(step.min()) >= 0 and int(step.max()) <= step_cap):
+                raise RejectedUpdateError(
+                    f"integer buffer {name!r} moved by {int(step.abs().max())}, outside "
+                    f"[0, {step_cap:g}] (a count of the steps a client took)"
+                )
 
     def clip_threshold(self, norms: Sequence[float]) -> float:
         """``clip_factor`` times the lower median of the round's norms; inf when off."""

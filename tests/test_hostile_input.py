@@ -726,3 +726,30 @@ def test_metric_names_are_bounded():
     _, metrics = strategy.aggregate_train(1, replies)
     assert _rejected_nodes(strategy, 1) == [requests[3].metadata.dst_node_id]
     assert all(len(k) < 100 for k in metrics)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "reason"),
+    [
+        ("bn.num_batches_tracked", 2**62, "integer buffer 'bn.num_batches_tracked' moved by"),
+        ("bn.num_batches_tracked", -5, "integer buffer 'bn.num_batches_tracked' moved by"),
+        ("bn.running_var", -50.0, "'bn.running_var' is a variance and holds negative values"),
+    ],
+)
+def test_buffers_the_norm_does_not_bound_are_checked(name, value, reason):
+    """A count may only grow by the steps a client can take; a variance is never negative
+    (one entry at -50 stays within the norm bound, yet made evaluation NaN)."""
+    strategy = _strategy(guard=UpdateGuard(max_weight=1000))
+    requests = _requests(strategy)
+    bad = _client_state(14)
+    if bad[name].is_floating_point():
+        bad[name] = bad[name].clone()
+        bad[name][0] = value
+    else:
+        bad[name] = torch.tensor(value)
+    replies = [*_honest(requests[:3]), _reply(requests[3], _content(bad))]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert _rejected_nodes(strategy, 1) == [requests[3].metadata.dst_node_id]
+    assert reason in strategy.traffic[1].rejected[0]
+    expected, _ = _reference_aggregate(lambda rs: _honest(rs[:3]))
+    assert _arrays_equal(arrays, expected)

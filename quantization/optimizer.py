@@ -138,7 +138,17 @@ class LowPrecisionOptimizer:
                 )
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise ValueError(f"optimizer state {key!r} holds NaN or inf")
+            if name == "step" and (tensor.numel() != 1 or float(tensor) < 0):
+                raise ValueError(f"optimizer state {key!r} is not a step count")
             restored.append((p, name, tensor))
+        for index, names in _names_by_param(restored, params).items():
+            expected = _expected_state(self.optimizer, params[index])
+            if expected is not None and names != expected:
+                raise ValueError(
+                    f"optimizer state of parameter {index} holds {sorted(names)}, but "
+                    f"{type(self.optimizer).__name__} keeps {sorted(expected)} (state of "
+                    "another optimizer?)"
+                )
         # Checked everything first: a bad entry leaves the optimizer's state untouched.
         for p, name, tensor in restored:
             self.optimizer.state[p][name] = tensor.to(self._state_device(p, name)).clone()
@@ -150,6 +160,28 @@ class LowPrecisionOptimizer:
             if not (group.get("capturable") or group.get("fused")):
                 return torch.device("cpu")
         return p.device
+
+
+def _names_by_param(
+    restored: list[tuple[torch.nn.Parameter, str, torch.Tensor]], params: list
+) -> dict[int, set[str]]:
+    index_of = {id(p): i for i, p in enumerate(params)}
+    names: dict[int, set[str]] = {}
+    for p, name, _ in restored:
+        names.setdefault(index_of[id(p)], set()).add(name)
+    return names
+
+
+def _expected_state(optimizer: torch.optim.Optimizer, p: torch.nn.Parameter) -> set[str] | None:
+    """The state names torch's Adam, AdamW and SGD keep for a parameter; None for others."""
+    group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+    if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
+        return {"step", "exp_avg", "exp_avg_sq"} | (
+            {"max_exp_avg_sq"} if group["amsgrad"] else set()
+        )
+    if type(optimizer) is torch.optim.SGD:
+        return {"momentum_buffer"} if group["momentum"] else set()
+    return None
 
 
 def _is_quantizable_state(name: str, value: object) -> bool:

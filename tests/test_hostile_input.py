@@ -753,3 +753,18 @@ def test_buffers_the_norm_does_not_bound_are_checked(name, value, reason):
     assert reason in strategy.traffic[1].rejected[0]
     expected, _ = _reference_aggregate(lambda rs: _honest(rs[:3]))
     assert _arrays_equal(arrays, expected)
+
+
+def test_optimizer_state_of_another_optimizer_starts_afresh(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """Resuming an SGD run with Adam read SGD's momentum buffers and failed every round."""
+    run_config = _client_run_config(f"train.state_dir={tmp_path} train.optimizer=sgd")
+    client_app(_message(run_config, config={LINEAGE_KEY: LINEAGE}), _context(run_config))
+    caplog.set_level(logging.WARNING)
+    adam = _client_run_config(f"train.state_dir={tmp_path} train.optimizer=adam")
+    reply = client_app(
+        _message(adam, config={LINEAGE_KEY: LINEAGE}, server_round=2), _context(adam)
+    )
+    assert not reply.has_error()
+    assert "keeps ['exp_avg', 'exp_avg_sq', 'step'] (state of another optimizer?)" in caplog.text

@@ -125,6 +125,9 @@ def _parse(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> Checkpoi
     model = {k[len(_MODEL) :]: v for k, v in tensors.items() if k.startswith(_MODEL)}
     average = {k[len(_AVERAGE) :]: v for k, v in tensors.items() if k.startswith(_AVERAGE)}
     stored = {k[len(_STRATEGY) :] for k in tensors if k.startswith(_STRATEGY)}
+    unknown = [k for k in tensors if not k.startswith((_MODEL, _AVERAGE, _STRATEGY))]
+    if unknown:
+        raise ValueError(f"it holds tensors that are not part of a checkpoint: {unknown[:3]}")
     strategy = json.loads(metadata["strategy"])
     if not isinstance(strategy, dict) or set(strategy) != {"class", "order", "none", "dtypes"}:
         raise TypeError("'strategy' must be a JSON object with 'class', 'order', 'none', 'dtypes'")
@@ -206,6 +209,18 @@ def check_fits(checkpoint: Checkpoint, template: Mapping[str, TensorSpec], path:
             if value.dtype.kind == "f" and not np.isfinite(value).all():
                 raise CheckpointError(f"{path}: the {part}'s {name!r} holds NaN or inf")
     shapes = list(template.values())
+    groups: dict[str, set[str]] = {}
+    for flat in checkpoint.strategy:
+        attribute, _, key = flat.partition(SEPARATOR)
+        groups.setdefault(attribute, set()).add(key)
+    by_name, by_index = set(template), {str(i) for i in range(len(template))}
+    for attribute, keys in groups.items():
+        if keys not in (by_name, by_index):
+            covered = len(keys & (by_name | by_index))
+            raise CheckpointError(
+                f"{path}: the strategy state {attribute!r} covers {covered} of the model's "
+                f"{len(template)} tensors"
+            )
     for flat, value in checkpoint.strategy.items():
         _, _, key = flat.partition(SEPARATOR)
         spec = template.get(key) or (

@@ -768,3 +768,23 @@ def test_optimizer_state_of_another_optimizer_starts_afresh(
     )
     assert not reply.has_error()
     assert "keeps ['exp_avg', 'exp_avg_sq', 'step'] (state of another optimizer?)" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["partial moments", "unknown tensor"])
+def test_a_checkpoint_with_incomplete_strategy_state_is_refused(tmp_path: Path, damage: str):
+    """FedAdam moments for part of the model passed every check, then failed in round 1."""
+    path, template = _checkpoint(tmp_path)
+    tensors, metadata = load_verified(path)
+    strategy = json.loads(metadata["strategy"])
+    if damage == "partial moments":
+        drop = next(k for k in strategy["order"] if k.startswith("m_t/"))
+        del tensors["strategy/" + drop]
+        strategy["order"].remove(drop)
+        del strategy["dtypes"][drop]
+        want = "the strategy state 'm_t' covers"
+    else:
+        tensors["stowaway"] = np.zeros(3, np.float32)
+        want = "not part of a checkpoint"
+    save_verified(path, tensors, {**metadata, "strategy": json.dumps(strategy)})
+    with pytest.raises(CheckpointError, match=want):
+        check_fits(load_checkpoint(tmp_path), template, path)

@@ -19,6 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.common import log
 from omegaconf import DictConfig
 
+from lowprec_fl.protocol import LINEAGE_PATTERN
 from lowprec_fl.wire import (
     EXPONENT_SUFFIX,
     FORMAT_SUFFIX,
@@ -34,9 +35,6 @@ STATE_DIR_NODE_KEY = "state-dir"
 #: The state directory under ``output_dir`` when neither the node nor ``train.state_dir`` sets one.
 DEFAULT_STATE_SUBDIR = "client-state"
 _ROUND_FILE = re.compile(r"round-(\d+)\.safetensors")
-#: The only lineage the server generates (``uuid.uuid4().hex``); anything else is refused,
-#: since it becomes a path component below the state root.
-LINEAGE_PATTERN = re.compile(r"[0-9a-f]{32}")
 
 
 class StateDirectoryError(ValueError):

@@ -16,6 +16,8 @@ for ``PARTITION_KEY``; the reply's ``METRICS_KEY`` record carries it.
 
 from __future__ import annotations
 
+import re
+
 from lowprec_fl.wire import EXPONENT_SUFFIX, FORMAT_SUFFIX, MESSAGE_SLACK_BYTES
 
 #: The ArrayRecord of the model (Flower's strategies default to the same name).
@@ -30,6 +32,8 @@ ROUND_KEY = "server-round"
 PROXIMAL_MU_KEY = "proximal-mu"
 #: The train-config key naming the run lineage (a run and its resumptions): 32 hex digits.
 LINEAGE_KEY = "lineage"
+#: What a lineage looks like: the server draws it as ``uuid.uuid4().hex``.
+LINEAGE_PATTERN = re.compile(r"[0-9a-f]{32}")
 #: The metric weighting a reply (Flower's ``weighted_by_key`` default).
 WEIGHT_KEY = "num-examples"
 #: The node-config key and query metric of a node's data partition.
@@ -41,6 +45,7 @@ __all__ = [
     "EXPONENT_SUFFIX",
     "FORMAT_SUFFIX",
     "LINEAGE_KEY",
+    "LINEAGE_PATTERN",
     "MESSAGE_SLACK_BYTES",
     "METRICS_KEY",
     "PARTITION_KEY",

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lowprec_fl.protocol import LINEAGE_PATTERN
 from lowprec_fl.wire import TensorSpec
 from strategies import LowPrecisionStrategy
 from strategies.state import (
@@ -39,10 +40,7 @@ _MODEL, _AVERAGE, _STRATEGY = "model/", "average/", "strategy/"
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """What a resumed run needs: the broadcast model after ``round`` and the server state.
-
-    ``strategy_class`` is None for checkpoints written before strategy state was saved.
-    """
+    """What a resumed run needs: the broadcast model after ``round`` and the server state."""
 
     round: int
     model: dict[str, np.ndarray]
@@ -145,7 +143,7 @@ def _parse(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> Checkpoi
             raise ValueError(f"strategy tensor {key!r} is not of its recorded dtype {dtypes[key]}")
     random_state = _random_state(json.loads(metadata["random_state"]))
     lineage = metadata["lineage"]
-    if lineage and (len(lineage) != 32 or not all(c in "0123456789abcdef" for c in lineage)):
+    if lineage and not LINEAGE_PATTERN.fullmatch(lineage):
         raise ValueError(f"'lineage' must be 32 hex digits, got {lineage[:40]!r}")
     return Checkpoint(
         round=_nonnegative_int(metadata, "round"),

@@ -52,8 +52,10 @@ class RoundTraffic:
     fp32_downlink_bytes: int = 0
     #: Why each rejected reply was refused ("node <id>: <reason>").
     rejected: list[str] = field(default_factory=list)
-    #: Error replies (client-side failures), as "node <id>: <reason>".
+    #: Error replies (client-side failures) to training and to evaluation messages,
+    #: as "node <id>: <reason>".
     failed: list[str] = field(default_factory=list)
+    failed_evaluate: list[str] = field(default_factory=list)
     #: Accepted updates whose norm was clipped (see ``UpdateGuard``).
     clipped: int = 0
     #: ``||w_i - w_ref|| / ||w_ref||`` of each accepted update (before clipping).
@@ -177,12 +179,12 @@ class LowPrecisionStrategy(Strategy):
     ) -> Iterable[Message]:
         """Same as ``configure_train`` for federated evaluation."""
         server_round += self.round_offset
-        encoded, formats, reference = self._encode(server_round, "evaluate", arrays)
         grid = self.partition_order.ordered(grid)
         with seeded_sampling(self._round_seed(server_round, "evaluate")):
-            messages = list(
-                self.inner.configure_evaluate(server_round, _record(reference), config, grid)
-            )
+            messages = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
+        if not messages:  # e.g. fraction_evaluate=0: nothing to encode
+            return messages
+        encoded, formats, _ = self._encode(server_round, "evaluate", arrays)
         return self._replace_content(server_round, messages, encoded, formats)
 
     def _round_seed(self, server_round: int, phase: str) -> int:
@@ -314,7 +316,8 @@ class LowPrecisionStrategy(Strategy):
         for reply in replies:
             if reply.has_error():
                 errors.append(reply)  # the inner strategy logs it and skips it
-                traffic.failed.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                failures = traffic.failed if with_arrays else traffic.failed_evaluate
+                failures.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
                 continue
             node = reply.metadata.src_node_id
             try:
@@ -330,7 +333,7 @@ class LowPrecisionStrategy(Strategy):
                     raise WireFormatError(
                         f"message of {size} bytes exceeds the limit of {self.max_message_bytes}"
                     )
-                candidates.append(self._candidate(node, reply, with_arrays, reference))
+                candidates.append(self._candidate(reply, with_arrays, reference))
             except Exception as err:  # a bad update must never stop the server
                 reason = f"node {node}: {err}"
                 traffic.rejected.append(reason)
@@ -371,7 +374,6 @@ class LowPrecisionStrategy(Strategy):
 
     def _candidate(
         self,
-        node: int,
         reply: Message,
         with_arrays: bool,
         reference: _Reference | None,
@@ -424,10 +426,11 @@ class LowPrecisionStrategy(Strategy):
         rest = RecordDict(
             {k: v for k, v in content.items() if k not in (self.arrayrecord_key, self.format_key)}
         )
-        return serialized_size(rest) + (self._fp32_arrays_bytes if with_arrays else 0)
+        has_model = with_arrays and self.arrayrecord_key in content.array_records
+        return serialized_size(rest) + (self._fp32_arrays_bytes if has_model else 0)
 
     def _as_template(self, name: str, value: np.ndarray) -> np.ndarray:
-        """An aggregate in the model's own shape and dtype (Flower returns 0-d arrays as 1-d)."""
+        """An array in the model's own shape and dtype (a 0-d array may arrive 1-d)."""
         spec = self.template[name]
         if value.size != math.prod(spec.shape):
             raise ValueError(f"the inner strategy returned {name!r} with shape {value.shape}")

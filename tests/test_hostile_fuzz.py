@@ -775,8 +775,12 @@ def _rejected_nodes(strategy: LowPrecisionStrategy, server_round: int) -> list[i
     return sorted(int(r.split(":")[0].split()[1]) for r in strategy.traffic[server_round].rejected)
 
 
-def _failed_nodes(strategy: LowPrecisionStrategy, server_round: int) -> list[int]:
-    return sorted(int(r.split(":")[0].split()[1]) for r in strategy.traffic[server_round].failed)
+def _failed_nodes(
+    strategy: LowPrecisionStrategy, server_round: int, phase: str = "train"
+) -> list[int]:
+    traffic = strategy.traffic[server_round]
+    failed = traffic.failed if phase == "train" else traffic.failed_evaluate
+    return sorted(int(r.split(":")[0].split()[1]) for r in failed)
 
 
 def _summary(content: RecordDict | Error) -> object:
@@ -925,7 +929,7 @@ def test_strategy_rejects_every_bad_evaluate_reply_and_aggregates_only_the_valid
     note(f"rejected: {strategy.traffic[1].rejected}")
 
     assert _rejected_nodes(strategy, 1) == batch.rejected
-    assert _failed_nodes(strategy, 1) == batch.failed
+    assert _failed_nodes(strategy, 1, "evaluate") == batch.failed
     _, expected = _aggregate_evaluate(batch.valid)
     _assert_same_records(metrics, expected)
     if metrics is not None:

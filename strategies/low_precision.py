@@ -255,14 +255,15 @@ class LowPrecisionStrategy(Strategy):
         if arrays is None:
             self._no_update(server_round, f"{type(self.inner).__name__} aggregated nothing")
             return None, merged
-        model = {name: self._as_template(name, arrays[name].numpy()) for name in arrays}
-        broken = [n for n, v in model.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+        raw = {name: arrays[name].numpy() for name in arrays}
+        broken = [n for n, v in raw.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
         if broken:  # e.g. a server optimizer that diverged: never broadcast it
             reason = f"the {type(self.inner).__name__} aggregate has NaN or inf in {broken[:3]}"
             log(WARNING, "Round %d: %s; the global model stays as it was", server_round, reason)
             self._no_update(server_round, reason)
             return None, merged
         self.failed_rounds = 0
+        model = {name: self._as_template(name, value) for name, value in raw.items()}
         broadcast = self.moving_average.update(server_round, model)
         return ArrayRecord({name: _array(value) for name, value in broadcast.items()}), merged
 

@@ -1,0 +1,141 @@
+"""A Flower ClientApp mod: the app sees float32 models, the wire carries quantized ones.
+
+Use it like Flower's own mods (``ClientApp(mods=[LowPrecisionMod(...)])``); it pairs with the
+server's ``LowPrecisionStrategy``. Low-precision *training* stays the app's choice
+(``quantization.LowPrecisionOptimizer``, ``quantization.attach_quantizers``).
+"""
+
+from __future__ import annotations
+
+import json
+from logging import ERROR
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import log
+from flwr.common.constant import ErrorCode
+
+from lowprec_fl.protocol import ARRAYS_KEY, CONFIG_KEY, FORMAT_SUFFIX, ROUND_KEY
+from lowprec_fl.wire import TensorSpec, decode_tensors, encode_tensors, specs_of
+from quantization import BlockFloat
+
+
+class LowPrecisionMod:
+    """Decode the quantized broadcast before the app runs; encode its reply after.
+
+    Inbound (train and evaluate messages): the ``arrays`` ArrayRecord and its format record
+    are decoded - the format pinned to ``downlink`` (bit width and blocks), memory bounded by
+    the message - into a plain float32 ArrayRecord under the same key, and the format record
+    is removed, so the app and any mod after this one (e.g. Flower's ``fixedclipping_mod``)
+    see an ordinary Flower message. Outbound (train replies): the app's ArrayRecord must hold
+    exactly the broadcast's tensors, shapes and dtypes, with finite values; it is encoded at
+    ``uplink`` (weights already on that grid encode losslessly) and the format record is
+    attached. Tensors the server sent in float32 (e.g. BatchNorm statistics with
+    ``quantize_buffers=false``) go back in float32. Any problem becomes an error reply with
+    the reason (``ErrorCode.MOD_FAILED_PRECONDITION``), as Flower's DP mods do.
+    """
+
+    def __init__(self, uplink: BlockFloat, downlink: BlockFloat, seed: int = 0) -> None:
+        self.uplink = uplink
+        self.downlink = downlink
+        self.seed = seed
+
+    def __call__(self, msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        """Run the app between decoding the broadcast and encoding the reply."""
+        kind = msg.metadata.message_type.split(".")[0]
+        if kind not in (MessageType.TRAIN, MessageType.EVALUATE):
+            return call_next(msg, ctxt)
+        try:
+            decoded, raw_float = self._decode(msg)
+        except ValueError as err:
+            return _error(msg, f"LowPrecisionMod: the broadcast was refused: {err}")
+        content = RecordDict(
+            {k: v for k, v in msg.content.items() if k != ARRAYS_KEY + FORMAT_SUFFIX}
+        )
+        content[ARRAYS_KEY] = ArrayRecord(
+            {name: Array(np.asarray(t.numpy(), order="C")) for name, t in decoded.items()}
+        )
+        msg.content = content
+        reply = call_next(msg, ctxt)
+        if kind != MessageType.TRAIN or reply.has_error():
+            return reply
+        try:
+            self._encode(reply, specs_of(decoded), raw_float, self._round(msg), ctxt.node_id)
+        except ValueError as err:
+            return _error(msg, f"LowPrecisionMod: the app's reply was refused: {err}")
+        return reply
+
+    def _decode(self, msg: Message) -> tuple[dict[str, torch.Tensor], set[str]]:
+        arrays = msg.content.array_records.get(ARRAYS_KEY)
+        formats = msg.content.config_records.get(ARRAYS_KEY + FORMAT_SUFFIX)
+        if arrays is None or formats is None:
+            raise ValueError(
+                f"it lacks the ArrayRecord {ARRAYS_KEY!r} or its ConfigRecord "
+                f"{ARRAYS_KEY + FORMAT_SUFFIX!r}: is the server a LowPrecisionStrategy?"
+            )
+        # No model to compare with: names and shapes come from the message itself, whose
+        # arrays must hold every value (so decoding takes at most ~8x the message's bytes).
+        decoded = decode_tensors(arrays, formats, fmt=self.downlink, allow_float=set(formats))
+        raw_float = {
+            name
+            for name, t in decoded.items()
+            if t.is_floating_point() and "bits" not in json.loads(formats[name])
+        }
+        return decoded, raw_float
+
+    def _encode(
+        self,
+        reply: Message,
+        expected: dict[str, TensorSpec],
+        raw_float: set[str],
+        server_round: int,
+        node_id: int,
+    ) -> None:
+        records = reply.content.array_records
+        if set(records) != {ARRAYS_KEY}:
+            raise ValueError(f"expected one ArrayRecord {ARRAYS_KEY!r}, got {sorted(records)}")
+        tensors = {
+            name: torch.from_numpy(array.numpy()) for name, array in records[ARRAYS_KEY].items()
+        }
+        if set(tensors) != set(expected):
+            missing, extra = (
+                sorted(set(expected) - set(tensors)),
+                sorted(set(tensors) - set(expected)),
+            )
+            raise ValueError(
+                f"its tensors differ from the broadcast: missing {missing[:5]}, extra {extra[:5]}"
+            )
+        for name, spec in expected.items():
+            t = tensors[name]
+            if (
+                tuple(t.shape) != spec.shape
+                or t.is_floating_point() != spec.dtype.is_floating_point
+            ):
+                raise ValueError(
+                    f"{name!r} is {t.dtype} {tuple(t.shape)}, the broadcast's is "
+                    f"{spec.dtype} {spec.shape}"
+                )
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name!r} holds NaN or inf")
+        generator = torch.Generator().manual_seed(
+            ((self.seed * 1_000_003 + node_id) * 10_007 + server_round) & ((1 << 62) - 1)
+        )
+        encoded, formats = encode_tensors(tensors, self.uplink, generator, keep_float=raw_float)
+        reply.content[ARRAYS_KEY] = encoded
+        reply.content[ARRAYS_KEY + FORMAT_SUFFIX] = formats
+
+    @staticmethod
+    def _round(msg: Message) -> int:
+        config = msg.content.config_records.get(CONFIG_KEY, {})
+        value = config.get(ROUND_KEY, 0)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _error(msg: Message, reason: str) -> Message:
+    log(ERROR, reason)
+    return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg)
+
+
+__all__ = ["LowPrecisionMod"]

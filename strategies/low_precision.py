@@ -164,7 +164,8 @@ class LowPrecisionStrategy(Strategy):
         FedAvgM) take their pseudo-gradient against what the clients trained from.
         """
         server_round += self.round_offset
-        encoded, formats, reference = self._encode(server_round, "train", arrays)
+        encoded, formats = self._encode(server_round, "train", arrays)
+        reference = decode_tensors(encoded, formats)  # what the clients will train from
         self._references = {server_round: _Reference(reference, model_norm(reference))}
         grid = self.partition_order.ordered(grid)
         config = ConfigRecord({**config, LINEAGE_KEY: self.lineage})
@@ -184,7 +185,7 @@ class LowPrecisionStrategy(Strategy):
             messages = list(self.inner.configure_evaluate(server_round, arrays, config, grid))
         if not messages:  # e.g. fraction_evaluate=0: nothing to encode
             return messages
-        encoded, formats, _ = self._encode(server_round, "evaluate", arrays)
+        encoded, formats = self._encode(server_round, "evaluate", arrays)
         return self._replace_content(server_round, messages, encoded, formats)
 
     def _round_seed(self, server_round: int, phase: str) -> int:
@@ -193,8 +194,8 @@ class LowPrecisionStrategy(Strategy):
 
     def _encode(
         self, server_round: int, phase: str, arrays: ArrayRecord
-    ) -> tuple[ArrayRecord, ConfigRecord, dict[str, torch.Tensor]]:
-        """(encoded arrays, their format record, the decoded model the clients receive)."""
+    ) -> tuple[ArrayRecord, ConfigRecord]:
+        """The model at the downlink format: (encoded arrays, their format record)."""
         generator = torch.Generator().manual_seed(self._round_seed(server_round, phase))
         tensors = {
             name: torch.from_numpy(self._as_template(name, arrays[name].numpy())) for name in arrays
@@ -202,7 +203,7 @@ class LowPrecisionStrategy(Strategy):
         encoded, formats = encode_tensors(
             tensors, self.downlink, generator, keep_float=self.float_buffers
         )
-        return encoded, formats, decode_tensors(encoded, formats)
+        return encoded, formats
 
     def _replace_content(
         self,
@@ -362,9 +363,7 @@ class LowPrecisionStrategy(Strategy):
         for c in candidates:
             content = RecordDict({METRICS_KEY: MetricRecord({self.weight_key: c.weight})})
             if with_arrays:
-                content[self.arrayrecord_key] = ArrayRecord(
-                    {name: _array(t.numpy()) for name, t in c.tensors.items()}
-                )
+                content[self.arrayrecord_key] = _record(c.tensors)
             c.reply.content = content
         accepted = [c.reply for c in candidates]
         return (
@@ -483,10 +482,7 @@ def content_digest(content: RecordDict, weight_key: str = WEIGHT_KEY) -> bytes:
 
 def _merge(inner: MetricRecord | None, ours: MetricRecord) -> MetricRecord:
     """The inner strategy's metrics (if any) completed with the per-key aggregate."""
-    merged = MetricRecord(dict(inner.items()) if inner is not None else {})
-    for key, value in ours.items():
-        merged[key] = value
-    return merged
+    return MetricRecord({**(dict(inner.items()) if inner is not None else {}), **ours})
 
 
 def _record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
@@ -22,6 +20,7 @@ from lowprec_fl.protocol import (
     PROXIMAL_MU_KEY,
     ROUND_KEY,
     WEIGHT_KEY,
+    model_records,
 )
 from lowprec_fl.wire import (
     WireFormatError,
@@ -38,6 +37,7 @@ from task.formats import downlink_format, training_precision, uplink_format
 from task.model import build_configured_model, float_buffer_names
 from task.training import evaluate_model, make_optimizer, train_local
 
+from .mod import MAX_ROUND, config_value, round_generator
 from .state import (
     load_optimizer_state,
     read_round_state,
@@ -60,33 +60,6 @@ def _partition(cfg: DictConfig, context: Context) -> tuple[int, int]:
     return int(node[PARTITION_KEY]), int(node.get("num-partitions", cfg.federation.num_clients))
 
 
-#: Largest server round a client accepts (it names the client's state files).
-MAX_ROUND = 10**9
-
-
-def _config_value(
-    config: Mapping[str, Any],
-    key: str,
-    default: Any,
-    kind: type,
-    low: float | None = None,
-    high: float | None = None,
-) -> Any:
-    """A value of the server's train config, checked: its type and, for numbers, its range."""
-    value = config.get(key, default)
-    ok = isinstance(value, kind) and not isinstance(value, bool)
-    if kind is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if ok and low is not None and not (low <= value <= high):  # also False for NaN
-        ok = False
-    if not ok:
-        bounds = f" in [{low:g}, {high:g}]" if low is not None else ""
-        raise ValueError(
-            f"the server's config has {key}={value!r}: expected a {kind.__name__}{bounds}"
-        )
-    return value
-
-
 def _receive_model(msg: Message, cfg: DictConfig, model: torch.nn.Module) -> None:
     """Decode and validate the broadcast model, then load it.
 
@@ -96,32 +69,22 @@ def _receive_model(msg: Message, cfg: DictConfig, model: torch.nn.Module) -> Non
     """
     content = msg.content
     expected = specs_of(model.state_dict())
-    limit = payload_limit(expected) + MESSAGE_SLACK_BYTES
+    payload = payload_limit(expected)
     size = serialized_size(content)
-    if size > limit:
-        raise WireFormatError(f"the broadcast is {size} bytes, more than the limit of {limit}")
-    arrays = content.array_records.get(ARRAYS_KEY)
-    formats = content.config_records.get(ARRAYS_KEY + FORMAT_SUFFIX)
-    if arrays is None or formats is None:
+    if size > payload + MESSAGE_SLACK_BYTES:
         raise WireFormatError(
-            f"the broadcast lacks the ArrayRecord {ARRAYS_KEY!r} or its ConfigRecord "
-            f"{ARRAYS_KEY + FORMAT_SUFFIX!r}: is the server this project's ServerApp?"
+            f"the broadcast is {size} bytes, more than the limit of {payload + MESSAGE_SLACK_BYTES}"
         )
+    arrays, formats = model_records(content)
     decoded = decode_tensors(
         arrays,
         formats,
         expected=expected,
-        max_bytes=payload_limit(expected),
+        max_bytes=payload,
         fmt=downlink_format(cfg.quantization),
         allow_float=float_buffer_names(model),
     )
     model.load_state_dict(decoded)
-
-
-def _generator(cfg: DictConfig, partition_id: int, server_round: int) -> torch.Generator:
-    return torch.Generator().manual_seed(
-        ((int(cfg.seed) * 100_003 + partition_id) * 10_007 + server_round) & ((1 << 62) - 1)
-    )
 
 
 @app.train()
@@ -134,19 +97,19 @@ def train(msg: Message, context: Context) -> Message:
         retain_freed_memory()
     partition_id, num_partitions = _partition(cfg, context)
     config = msg.content.config_records.get(CONFIG_KEY, {})
-    server_round = _config_value(config, ROUND_KEY, 0, int, 0, MAX_ROUND)
+    server_round = config_value(config, ROUND_KEY, 0, int, 0, MAX_ROUND)
     device = resolve_device(cfg)
     train_data, _ = client_data(cfg, partition_id, num_partitions)
     model = build_configured_model(cfg)
     _receive_model(msg, cfg, model)
     model.to(device)
     precision = training_precision(cfg.quantization)
-    generator = _generator(cfg, partition_id, server_round)
+    generator = round_generator(cfg.seed, partition_id, server_round)
     t = cfg.train
     optimizer = make_optimizer(
         model, t.optimizer, float(t.lr), precision, generator, t.momentum, t.weight_decay
     )
-    lineage = _config_value(config, LINEAGE_KEY, "", str)
+    lineage = config_value(config, LINEAGE_KEY, "", str)
     state_dir = state_directory(cfg, context.node_config, partition_id, lineage)
     if t.keep_optimizer_state:
         saved = read_round_state(state_dir, server_round) if state_dir else None
@@ -163,7 +126,7 @@ def train(msg: Message, context: Context) -> Message:
         batch_size=int(t.batch_size),
         generator=generator,
         device=device,
-        proximal_mu=float(_config_value(config, PROXIMAL_MU_KEY, 0.0, float, 0.0, 1e6)),
+        proximal_mu=float(config_value(config, PROXIMAL_MU_KEY, 0.0, float, 0.0, 1e6)),
         max_steps=int(t.max_steps),
     )
     state_bytes = 0

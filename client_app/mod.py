@@ -8,7 +8,9 @@ server's ``LowPrecisionStrategy``. Low-precision *training* stays the app's choi
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from logging import ERROR
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +19,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import log
 from flwr.common.constant import ErrorCode
 
-from lowprec_fl.protocol import ARRAYS_KEY, CONFIG_KEY, FORMAT_SUFFIX, ROUND_KEY
+from lowprec_fl.protocol import ARRAYS_KEY, CONFIG_KEY, FORMAT_SUFFIX, ROUND_KEY, model_records
 from lowprec_fl.wire import TensorSpec, decode_tensors, encode_tensors, specs_of
 from quantization import BlockFloat
 
@@ -49,6 +51,7 @@ class LowPrecisionMod:
             return call_next(msg, ctxt)
         try:
             decoded, raw_float = self._decode(msg)
+            server_round = self._round(msg)
         except ValueError as err:
             return _error(msg, f"LowPrecisionMod: the broadcast was refused: {err}")
         content = RecordDict(
@@ -62,19 +65,13 @@ class LowPrecisionMod:
         if kind != MessageType.TRAIN or reply.has_error():
             return reply
         try:
-            self._encode(reply, specs_of(decoded), raw_float, self._round(msg), ctxt.node_id)
+            self._encode(reply, specs_of(decoded), raw_float, server_round, ctxt.node_id)
         except ValueError as err:
             return _error(msg, f"LowPrecisionMod: the app's reply was refused: {err}")
         return reply
 
     def _decode(self, msg: Message) -> tuple[dict[str, torch.Tensor], set[str]]:
-        arrays = msg.content.array_records.get(ARRAYS_KEY)
-        formats = msg.content.config_records.get(ARRAYS_KEY + FORMAT_SUFFIX)
-        if arrays is None or formats is None:
-            raise ValueError(
-                f"it lacks the ArrayRecord {ARRAYS_KEY!r} or its ConfigRecord "
-                f"{ARRAYS_KEY + FORMAT_SUFFIX!r}: is the server a LowPrecisionStrategy?"
-            )
+        arrays, formats = model_records(msg.content)
         # No model to compare with: names and shapes come from the message itself, whose
         # arrays must hold every value (so decoding takes at most ~8x the message's bytes).
         decoded = decode_tensors(arrays, formats, fmt=self.downlink, allow_float=set(formats))
@@ -119,9 +116,7 @@ class LowPrecisionMod:
                 )
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name!r} holds NaN or inf")
-        generator = torch.Generator().manual_seed(
-            ((self.seed * 1_000_003 + node_id) * 10_007 + server_round) & ((1 << 62) - 1)
-        )
+        generator = round_generator(self.seed, node_id, server_round)
         encoded, formats = encode_tensors(tensors, self.uplink, generator, keep_float=raw_float)
         reply.content[ARRAYS_KEY] = encoded
         reply.content[ARRAYS_KEY + FORMAT_SUFFIX] = formats
@@ -129,8 +124,41 @@ class LowPrecisionMod:
     @staticmethod
     def _round(msg: Message) -> int:
         config = msg.content.config_records.get(CONFIG_KEY, {})
-        value = config.get(ROUND_KEY, 0)
-        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+        return config_value(config, ROUND_KEY, 0, int, 0, MAX_ROUND)
+
+
+#: Largest server round a client accepts (it names the client's state files).
+MAX_ROUND = 10**9
+
+
+def config_value(
+    config: Mapping[str, Any],
+    key: str,
+    default: Any,
+    kind: type,
+    low: float | None = None,
+    high: float | None = None,
+) -> Any:
+    """A value of the server's config, checked: its type and, for numbers, its range."""
+    value = config.get(key, default)
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok and low is not None and not (low <= value <= high):  # also False for NaN
+        ok = False
+    if not ok:
+        bounds = f" in [{low:g}, {high:g}]" if low is not None else ""
+        raise ValueError(
+            f"the server's config has {key}={value!r}: expected a {kind.__name__}{bounds}"
+        )
+    return value
+
+
+def round_generator(seed: int, party: int, server_round: int) -> torch.Generator:
+    """The client's generator for one round: data order, dither keys, upload rounding."""
+    return torch.Generator().manual_seed(
+        ((int(seed) * 100_003 + party) * 10_007 + server_round) & ((1 << 62) - 1)
+    )
 
 
 def _error(msg: Message, reason: str) -> Message:
@@ -138,4 +166,4 @@ def _error(msg: Message, reason: str) -> Message:
     return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason), reply_to=msg)
 
 
-__all__ = ["LowPrecisionMod"]
+__all__ = ["LowPrecisionMod", "config_value", "round_generator"]

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import re
 
-from lowprec_fl.wire import EXPONENT_SUFFIX, FORMAT_SUFFIX, MESSAGE_SLACK_BYTES
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from lowprec_fl.wire import EXPONENT_SUFFIX, FORMAT_SUFFIX, MESSAGE_SLACK_BYTES, WireFormatError
 
 #: The ArrayRecord of the model (Flower's strategies default to the same name).
 ARRAYS_KEY = "arrays"
@@ -39,6 +41,19 @@ WEIGHT_KEY = "num-examples"
 #: The node-config key and query metric of a node's data partition.
 PARTITION_KEY = "partition-id"
 
+
+def model_records(content: RecordDict) -> tuple[ArrayRecord, ConfigRecord]:
+    """A broadcast's model: its ``ARRAYS_KEY`` ArrayRecord and that record's format record."""
+    arrays = content.array_records.get(ARRAYS_KEY)
+    formats = content.config_records.get(ARRAYS_KEY + FORMAT_SUFFIX)
+    if arrays is None or formats is None:
+        raise WireFormatError(
+            f"the broadcast lacks the ArrayRecord {ARRAYS_KEY!r} or its ConfigRecord "
+            f"{ARRAYS_KEY + FORMAT_SUFFIX!r}: is the server a LowPrecisionStrategy?"
+        )
+    return arrays, formats
+
+
 __all__ = [
     "ARRAYS_KEY",
     "CONFIG_KEY",
@@ -52,4 +67,5 @@ __all__ = [
     "PROXIMAL_MU_KEY",
     "ROUND_KEY",
     "WEIGHT_KEY",
+    "model_records",
 ]

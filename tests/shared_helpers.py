@@ -19,10 +19,11 @@ def mnist_root() -> str:
 
 
 def with_item(record, key: str, value):
-    """A copy of a Flower record with ``key`` set to ``value`` (removed when ``value`` is None)."""
+    """A copy of a Flower record (or RecordDict) with ``key`` set to ``value``, or removed
+    (None; a missing key is fine)."""
     items = dict(record.items())
     if value is None:
-        del items[key]
+        items.pop(key, None)
     else:
         items[key] = value
     return type(record)(items)

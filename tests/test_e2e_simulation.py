@@ -20,24 +20,29 @@ from tests.shared_helpers import mnist_root
 pytestmark = pytest.mark.e2e
 
 
+def _simulate(tmp_path: Path, overrides: str, num_supernodes: int) -> tuple[int, str, Path]:
+    """A real ``flwr run`` of ``overrides`` into ``tmp_path/out``: (exit code, log, out)."""
+    out, log = tmp_path / "out", tmp_path / "flwr.log"
+    code = run_simulation(
+        run_config=f"overrides='{overrides}' output-dir='{out}'",
+        num_supernodes=num_supernodes,
+        flwr_home=tmp_path / "flwr_home",
+        timeout=600,
+        log_path=log,
+    )
+    return code, log.read_text(), out
+
+
 def test_flwr_run_trains_8bit_fedavg_with_moving_average(tmp_path: Path) -> None:
     mnist_root()  # the simulation reads the same root (DATA_ROOT or the default cache)
-    out, home, log = tmp_path / "out", tmp_path / "flwr_home", tmp_path / "flwr.log"
     overrides = (
         "federation.num_rounds=3 federation.num_clients=4 federation.fraction_evaluate=0.5 "
         "partition.scheme=dirichlet partition.alpha=1.0 train.max_steps=40 "
         "server.max_eval_samples=2000"
     )
-    code = run_simulation(
-        run_config=f"overrides='{overrides}' output-dir='{out}'",
-        num_supernodes=4,
-        flwr_home=home,
-        timeout=600,
-        log_path=log,
-    )
-    text = log.read_text()
+    code, text, out = _simulate(tmp_path, overrides, num_supernodes=4)
     assert code == 0, text[-3000:]
-    assert superlink_pids(home) == []  # the local SuperLink was stopped
+    assert superlink_pids(tmp_path / "flwr_home") == []  # the local SuperLink was stopped
 
     results = json.loads((out / "results.json").read_text())
     rows = results["rounds"]
@@ -64,19 +69,11 @@ def test_flwr_run_trains_8bit_fedavg_with_moving_average(tmp_path: Path) -> None
 def test_flwr_run_trains_a_batchnorm_model_beyond_round_1(tmp_path: Path) -> None:
     """ResNet-18 (BatchNorm buffers, 0-d num_batches_tracked) keeps learning after round 1."""
     mnist_root()
-    out, home, log = tmp_path / "out", tmp_path / "flwr_home", tmp_path / "flwr.log"
     overrides = (
         "model=resnet18 federation.num_rounds=2 federation.num_clients=2 "
         "federation.fraction_train=1 train.max_steps=2 server.max_eval_samples=200"
     )
-    code = run_simulation(
-        run_config=f"overrides='{overrides}' output-dir='{out}'",
-        num_supernodes=2,
-        flwr_home=home,
-        timeout=600,
-        log_path=log,
-    )
-    text = log.read_text()
+    code, text, out = _simulate(tmp_path, overrides, num_supernodes=2)
     assert code == 0, text[-3000:]
     rows = json.loads((out / "results.json").read_text())["rounds"]
     assert [r["round"] for r in rows] == [0, 1, 2]
@@ -91,19 +88,11 @@ def test_flwr_run_trains_a_batchnorm_model_beyond_round_1(tmp_path: Path) -> Non
 
 def test_flwr_run_whose_clients_never_reply_in_time_fails_with_a_clear_error(tmp_path: Path):
     """A real round_timeout that expires: no update arrives, so the run stops and says why."""
-    out, home, log = tmp_path / "out", tmp_path / "flwr_home", tmp_path / "flwr.log"
     overrides = (
         "dataset=synthetic federation.num_rounds=4 federation.num_clients=2 "
         "federation.round_timeout=0.01 server.max_failed_rounds=1"
     )
-    code = run_simulation(
-        run_config=f"overrides='{overrides}' output-dir='{out}'",
-        num_supernodes=2,
-        flwr_home=home,
-        timeout=600,
-        log_path=log,
-    )
-    text = log.read_text()
+    code, text, out = _simulate(tmp_path, overrides, num_supernodes=2)
     assert code == 1, text[-3000:]
     assert "the run ended with status finished:failed" in text
     assert "no client update was accepted in the last 1 rounds" in text

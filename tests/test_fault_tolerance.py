@@ -39,6 +39,7 @@ from strategies.factory import build_strategy
 from task.config import load_config
 from task.model import build_configured_model, float_buffer_names
 from tests.flower_harness import InProcessGrid
+from tests.shared_helpers import with_item
 
 NUM_NODES = 3
 BASE = (
@@ -72,16 +73,6 @@ def _setup(run_config: dict) -> tuple[LowPrecisionStrategy, dict[str, torch.Tens
 
 
 # ----------------------------------------------------------------------------- record editing
-def _with(record, key: str, value):
-    """A copy of a record (or RecordDict) with ``key`` set to ``value``, or removed (None)."""
-    items = dict(record.items())
-    if value is None:
-        items.pop(key, None)
-    else:
-        items[key] = value
-    return type(record)(items)
-
-
 @dataclass
 class Reply:
     """A ClientApp reply's content plus what the mutations need to know about it."""
@@ -109,24 +100,24 @@ class Reply:
     def set_arrays(self, **changes) -> RecordDict:
         arrays = self.arrays
         for key, value in changes.items():
-            arrays = _with(arrays, key, value)
-        return _with(self.content, "arrays", arrays)
+            arrays = with_item(arrays, key, value)
+        return with_item(self.content, "arrays", arrays)
 
     def set_array(self, key: str, value) -> RecordDict:
-        return _with(self.content, "arrays", _with(self.arrays, key, value))
+        return with_item(self.content, "arrays", with_item(self.arrays, key, value))
 
     def set_format(self, name: str, value) -> RecordDict:
-        return _with(self.content, "arrays-format", _with(self.formats, name, value))
+        return with_item(self.content, "arrays-format", with_item(self.formats, name, value))
 
     def set_both(self, arrays: dict, formats: dict) -> RecordDict:
         content = self.content
         array_record, format_record = self.arrays, self.formats
         for key, value in arrays.items():
-            array_record = _with(array_record, key, value)
+            array_record = with_item(array_record, key, value)
         for key, value in formats.items():
-            format_record = _with(format_record, key, value)
-        content = _with(content, "arrays", array_record)
-        return _with(content, "arrays-format", format_record)
+            format_record = with_item(format_record, key, value)
+        content = with_item(content, "arrays", array_record)
+        return with_item(content, "arrays-format", format_record)
 
 
 def _array(value: np.ndarray) -> Array:
@@ -349,7 +340,7 @@ def m_metrics(rng, reply):
     metrics = dict(reply.content["metrics"].items())
     kind = int(rng.integers(9))
     if kind == 0:
-        return "no MetricRecord", _with(reply.content, "metrics", None)
+        return "no MetricRecord", with_item(reply.content, "metrics", None)
     if kind == 1:
         del metrics["num-examples"]
         what = "num-examples missing"
@@ -367,14 +358,14 @@ def m_metrics(rng, reply):
         what = f"train-loss {metrics['train-loss']}"
     elif kind == 6:
         extra = MetricRecord({"num-examples": 5})
-        return "two MetricRecords", _with(reply.content, "more-metrics", extra)
+        return "two MetricRecords", with_item(reply.content, "more-metrics", extra)
     elif kind == 7:
         metrics = {"num-example": metrics["num-examples"]}
         what = "weight key misspelt"
     else:
-        content = _with(reply.content, "metrics", None)
-        return "metrics sent as a ConfigRecord", _with(content, "cfg", ConfigRecord(metrics))
-    return what, _with(reply.content, "metrics", MetricRecord(metrics))
+        content = with_item(reply.content, "metrics", None)
+        return "metrics sent as a ConfigRecord", with_item(content, "cfg", ConfigRecord(metrics))
+    return what, with_item(reply.content, "metrics", MetricRecord(metrics))
 
 
 BOGUS_FORMATS: list[Callable[[dict], object]] = [
@@ -445,26 +436,28 @@ def m_bit_width(rng, reply):
     for n in reply.names():
         tensors[n] = torch.randn(tuple(reply.description(n)["shape"]))
     arrays, formats = encode_tensors(tensors, BlockFloat(bits, layout="block"))
-    content = _with(reply.content, "arrays", arrays)
-    return f"whole model at {bits} bits", _with(content, "arrays-format", formats)
+    content = with_item(reply.content, "arrays", arrays)
+    return f"whole model at {bits} bits", with_item(content, "arrays-format", formats)
 
 
 def m_records(rng, reply):
     kind = int(rng.integers(6))
     c = reply.content
     if kind == 0:
-        return "no ArrayRecord", _with(c, "arrays", None)
+        return "no ArrayRecord", with_item(c, "arrays", None)
     if kind == 1:
         extra = ArrayRecord({"x": _array(np.zeros(1, np.float32))})
-        return "two ArrayRecords", _with(c, "other-arrays", extra)
+        return "two ArrayRecords", with_item(c, "other-arrays", extra)
     if kind == 2:
-        return "ArrayRecord renamed", _with(_with(c, "weights", c["arrays"]), "arrays", None)
+        return "ArrayRecord renamed", with_item(
+            with_item(c, "weights", c["arrays"]), "arrays", None
+        )
     if kind == 3:
-        return "no format record", _with(c, "arrays-format", None)
+        return "no format record", with_item(c, "arrays-format", None)
     if kind == 4:
-        renamed = _with(c, "weights-format", c["arrays-format"])
-        return "format record renamed", _with(renamed, "arrays-format", None)
-    empty = _with(c, "arrays", ArrayRecord())
+        renamed = with_item(c, "weights-format", c["arrays-format"])
+        return "format record renamed", with_item(renamed, "arrays-format", None)
+    empty = with_item(c, "arrays", ArrayRecord())
     return "empty ArrayRecord", empty
 
 

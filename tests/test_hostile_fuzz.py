@@ -81,6 +81,7 @@ from task.formats import downlink_format
 from task.model import build_configured_model
 from task.verified_file import load_verified, save_verified
 from tests.flower_harness import task_identity
+from tests.shared_helpers import with_item
 from tests.test_checkpoint_resume import MODEL
 from tests.test_checkpoint_resume import _strategy as _checkpoint_strategy
 from tests.test_client_app import NODE_ID, _context
@@ -612,16 +613,6 @@ def _honest_content(node: int, metrics: dict) -> RecordDict:
     )
 
 
-def _with(record, key: str, value):
-    """A copy of a record (or RecordDict) with ``key`` set, or removed (None)."""
-    items = dict(record.items())
-    if value is None:
-        items.pop(key, None)
-    else:
-        items[key] = value
-    return type(record)(items)
-
-
 def _reply_from(request: Message, node: int, content: RecordDict | Error) -> Message:
     reply = Message(content, reply_to=request)
     reply.metadata.__dict__["_src_node_id"] = node
@@ -681,11 +672,11 @@ def bad_train_content(draw, honest: RecordDict, metrics: dict) -> RecordDict:
         case = draw(st.sampled_from(sorted(BAD_REPLIES)), label="known case")
         return BAD_REPLIES[case][0](honest)
     if kind == "wire":
-        return _with(honest, "arrays", ArrayRecord(draw(invalid_arrays(honest["arrays"]))))
+        return with_item(honest, "arrays", ArrayRecord(draw(invalid_arrays(honest["arrays"]))))
     if kind == "records":
         return draw(bad_records(honest))
     if kind == "metrics":
-        return _with(honest, "metrics", _metric_record(draw(bad_metrics(metrics))))
+        return with_item(honest, "metrics", _metric_record(draw(bad_metrics(metrics))))
     # well-formed, but the model scaled far beyond any honest round's update
     scale = draw(st.floats(3, 30), label="log10 scale") * 1.0
     sign = draw(st.sampled_from([1.0, -1.0]), label="sign")
@@ -746,24 +737,26 @@ def bad_records(draw, honest: RecordDict) -> RecordDict:
         label="records",
     )
     if kind == "no-arrays":
-        return _with(honest, "arrays", None)
+        return with_item(honest, "arrays", None)
     if kind == "no-format":
-        return _with(honest, "arrays-format", None)
+        return with_item(honest, "arrays-format", None)
     if kind == "format-renamed":
         name = draw(st.sampled_from(["weights-format", "arrays-formats", "format"]))
-        return _with(_with(honest, name, honest["arrays-format"]), "arrays-format", None)
+        return with_item(with_item(honest, name, honest["arrays-format"]), "arrays-format", None)
     if kind == "format-values":  # every description replaced by a non-string
         formats = honest["arrays-format"]
         value = draw(CONFIG_NON_STRINGS, label="format")
-        return _with(honest, "arrays-format", ConfigRecord(dict.fromkeys(formats.keys(), value)))
+        return with_item(
+            honest, "arrays-format", ConfigRecord(dict.fromkeys(formats.keys(), value))
+        )
     if kind == "extra-arrays":
         extra = ArrayRecord({"x": Array(np.zeros(draw(st.integers(0, 4)), np.float32))})
-        return _with(honest, draw(st.sampled_from(["other", "arrays2"])), extra)
+        return with_item(honest, draw(st.sampled_from(["other", "arrays2"])), extra)
     if kind == "extra-metrics":
-        return _with(honest, "more-metrics", MetricRecord({"num-examples": 5}))
+        return with_item(honest, "more-metrics", MetricRecord({"num-examples": 5}))
     if kind == "no-metrics":
-        return _with(honest, "metrics", None)
-    return _with(_with(honest, "weights", honest["arrays"]), "arrays", None)
+        return with_item(honest, "metrics", None)
+    return with_item(with_item(honest, "weights", honest["arrays"]), "arrays", None)
 
 
 HONEST_TRAIN_METRICS = st.fixed_dictionaries(
@@ -908,7 +901,7 @@ def bad_evaluate_content(draw, honest: RecordDict, metrics: dict) -> RecordDict:
     if kind == "metrics":
         return RecordDict({"metrics": _metric_record(draw(bad_metrics(metrics)))})
     if kind == "extra-metrics":
-        return _with(honest, "more", MetricRecord(dict(metrics)))
+        return with_item(honest, "more", MetricRecord(dict(metrics)))
     return RecordDict({"config": ConfigRecord(dict(metrics))})
 
 

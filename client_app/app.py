@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
+import numpy as np
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 from omegaconf import DictConfig
 
 from lowprec_fl.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
-    FORMAT_SUFFIX,
     LINEAGE_KEY,
     MESSAGE_SLACK_BYTES,
     METRICS_KEY,
@@ -20,24 +22,22 @@ from lowprec_fl.protocol import (
     PROXIMAL_MU_KEY,
     ROUND_KEY,
     WEIGHT_KEY,
-    model_records,
 )
-from lowprec_fl.wire import (
-    WireFormatError,
-    decode_tensors,
-    encode_tensors,
-    payload_limit,
-    serialized_size,
-    specs_of,
-)
+from lowprec_fl.wire import payload_limit, specs_of
 from task.allocator import retain_freed_memory
 from task.config import load_config, resolve_device
 from task.data import client_data
-from task.formats import downlink_format, training_precision, uplink_format
-from task.model import build_configured_model, float_buffer_names
+from task.formats import (
+    client_bits,
+    client_downlinks,
+    client_quantization,
+    training_precision,
+    uplink_format,
+)
+from task.model import build_configured_model
 from task.training import evaluate_model, make_optimizer, train_local
 
-from .mod import MAX_ROUND, config_value, round_generator
+from .mod import MAX_ROUND, LowPrecisionMod, config_value, round_generator
 from .state import (
     load_optimizer_state,
     read_round_state,
@@ -45,8 +45,6 @@ from .state import (
     state_directory,
     write_round_state,
 )
-
-app = ClientApp()
 
 
 def _partition(cfg: DictConfig, context: Context) -> tuple[int, int]:
@@ -60,31 +58,44 @@ def _partition(cfg: DictConfig, context: Context) -> tuple[int, int]:
     return int(node[PARTITION_KEY]), int(node.get("num-partitions", cfg.federation.num_clients))
 
 
-def _receive_model(msg: Message, cfg: DictConfig, model: torch.nn.Module) -> None:
-    """Decode and validate the broadcast model, then load it.
+def _quantization(cfg: DictConfig, context: Context) -> DictConfig:
+    """The quantization settings of this client: the run's, at the client's own width."""
+    partition_id, _ = _partition(cfg, context)
+    return client_quantization(cfg, client_bits(cfg, context.node_config, partition_id))
 
-    The broadcast must be in the downlink format the config names (width and blocks) and no
-    larger than the model in float32 plus a small margin, so a server cannot make the client
-    allocate more than its own model takes.
+
+def low_precision_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """``LowPrecisionMod`` with the formats the run config names for this node.
+
+    A Flower mod is fixed when the ClientApp is built, and this app's formats come from the
+    run config, so the mod is made per message (cheap: it holds three values).
     """
-    content = msg.content
-    expected = specs_of(model.state_dict())
-    payload = payload_limit(expected)
-    size = serialized_size(content)
-    if size > payload + MESSAGE_SLACK_BYTES:
-        raise WireFormatError(
-            f"the broadcast is {size} bytes, more than the limit of {payload + MESSAGE_SLACK_BYTES}"
-        )
-    arrays, formats = model_records(content)
-    decoded = decode_tensors(
-        arrays,
-        formats,
-        expected=expected,
-        max_bytes=payload,
-        fmt=downlink_format(cfg.quantization),
-        allow_float=float_buffer_names(model),
+    cfg = load_config(context.run_config)
+    partition_id, _ = _partition(cfg, context)
+    bits = client_bits(cfg, context.node_config, partition_id)
+    mod = LowPrecisionMod(
+        uplink=uplink_format(client_quantization(cfg, bits)),
+        downlink=client_downlinks(cfg, bits),
+        seed=int(cfg.seed),
+        max_bytes=_broadcast_limit(tuple(sorted(context.run_config.items()))),
     )
-    model.load_state_dict(decoded)
+    return mod(msg, context, call_next)
+
+
+@functools.lru_cache(maxsize=8)
+def _broadcast_limit(run_config: tuple) -> int:
+    """The largest broadcast this client accepts: its model in float32, plus a margin."""
+    model = build_configured_model(load_config(dict(run_config)))
+    return payload_limit(specs_of(model.state_dict())) + MESSAGE_SLACK_BYTES
+
+
+app = ClientApp(mods=[low_precision_mod])
+
+
+def _load_model(msg: Message, model: torch.nn.Module) -> None:
+    """Load the broadcast (float32 once ``low_precision_mod`` decoded it) into ``model``."""
+    arrays = msg.content.array_records[ARRAYS_KEY]
+    model.load_state_dict({name: torch.from_numpy(a.numpy()) for name, a in arrays.items()})
 
 
 @app.train()
@@ -101,9 +112,9 @@ def train(msg: Message, context: Context) -> Message:
     device = resolve_device(cfg)
     train_data, _ = client_data(cfg, partition_id, num_partitions)
     model = build_configured_model(cfg)
-    _receive_model(msg, cfg, model)
+    _load_model(msg, model)
     model.to(device)
-    precision = training_precision(cfg.quantization)
+    precision = training_precision(_quantization(cfg, context))
     generator = round_generator(cfg.seed, partition_id, server_round)
     t = cfg.train
     optimizer = make_optimizer(
@@ -134,36 +145,23 @@ def train(msg: Message, context: Context) -> Message:
         state_bytes = save_optimizer_state(context.state, optimizer)
         if state_dir:
             write_round_state(state_dir, server_round, context.state)
-    q = cfg.quantization
-    arrays, formats = encode_tensors(
-        {k: v.cpu() for k, v in model.state_dict().items()},
-        uplink_format(q),
-        generator,
-        keep_float=() if q.quantize_buffers else float_buffer_names(model),
+    arrays = ArrayRecord(
+        {
+            k: Array(np.asarray(v.detach().cpu().numpy(), order="C"))
+            for k, v in model.state_dict().items()
+        }
     )
     metrics = MetricRecord(
         {
             WEIGHT_KEY: result.num_examples,
             "train-loss": result.loss,
             "train-steps": result.steps,
-            "payload-bytes": arrays.count_bytes(),
             "optimizer-state-bytes": state_bytes,
             "train-seconds": time.perf_counter() - started,
         }
     )
-    content = RecordDict(
-        {ARRAYS_KEY: arrays, ARRAYS_KEY + FORMAT_SUFFIX: formats, METRICS_KEY: metrics}
-    )
-    return Message(content, reply_to=msg)
-
-
-@app.query()
-def query(msg: Message, context: Context) -> Message:
-    """Tell the server this node's partition id (it orders nodes by it to sample reproducibly)."""
-    cfg = load_config(context.run_config)
-    partition_id, _ = _partition(cfg, context)
-    metrics = MetricRecord({PARTITION_KEY: partition_id})
-    return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+    # low_precision_mod encodes the arrays at this client's uplink format
+    return Message(RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics}), reply_to=msg)
 
 
 @app.evaluate()
@@ -175,7 +173,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     _, test_data = client_data(cfg, partition_id, num_partitions)
     device = resolve_device(cfg)
     model = build_configured_model(cfg)
-    _receive_model(msg, cfg, model)
+    _load_model(msg, model)
     loss, accuracy = evaluate_model(model.to(device), test_data, cfg.server.eval_batch_size, device)
     metrics = MetricRecord(
         {WEIGHT_KEY: len(test_data), "eval-loss": loss, "eval-accuracy": accuracy}

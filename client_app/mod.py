@@ -8,7 +8,7 @@ server's ``LowPrecisionStrategy``. Low-precision *training* stays the app's choi
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from logging import ERROR
 from typing import Any
 
@@ -19,8 +19,25 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import log
 from flwr.common.constant import ErrorCode
 
-from lowprec_fl.protocol import ARRAYS_KEY, CONFIG_KEY, FORMAT_SUFFIX, ROUND_KEY, model_records
-from lowprec_fl.wire import TensorSpec, decode_tensors, encode_tensors, specs_of
+from lowprec_fl.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    FORMAT_SUFFIX,
+    METRICS_KEY,
+    PARTITION_KEY,
+    PAYLOAD_BYTES_KEY,
+    ROUND_KEY,
+    model_records,
+)
+from lowprec_fl.wire import (
+    TensorSpec,
+    WireFormatError,
+    decode_tensors,
+    encode_tensors,
+    message_format,
+    serialized_size,
+    specs_of,
+)
 from quantization import BlockFloat
 
 
@@ -28,20 +45,43 @@ class LowPrecisionMod:
     """Decode the quantized broadcast before the app runs; encode its reply after.
 
     Inbound (train and evaluate messages): the ``arrays`` ArrayRecord and its format record
-    are decoded - the format pinned to ``downlink`` (bit width and blocks), memory bounded by
-    the message - into a plain float32 ArrayRecord under the same key, and the format record
-    is removed, so the app and any mod after this one (e.g. Flower's ``fixedclipping_mod``)
-    see an ordinary Flower message. Outbound (train replies): the app's ArrayRecord must hold
-    exactly the broadcast's tensors, shapes and dtypes, with finite values; it is encoded at
-    ``uplink`` (weights already on that grid encode losslessly) and the format record is
-    attached. Tensors the server sent in float32 (e.g. BatchNorm statistics with
-    ``quantize_buffers=false``) go back in float32. Any problem becomes an error reply with
-    the reason (``ErrorCode.MOD_FAILED_PRECONDITION``), as Flower's DP mods do.
+    are decoded - the format pinned to ``downlink`` (bit width and blocks; a collection of
+    formats accepts any of them), memory bounded by the message - into a plain float32
+    ArrayRecord under the same key, and the format record is removed, so the app and any mod
+    after this one (e.g. Flower's ``fixedclipping_mod``) see an ordinary Flower message.
+    Outbound (train replies): the app's ArrayRecord must hold exactly the broadcast's
+    tensors, shapes and dtypes, with finite values; it is encoded at ``uplink`` (weights
+    already on that grid encode losslessly), the format record is attached and the reply's
+    MetricRecord gets ``payload-bytes``, the encoded arrays' size. Tensors the server sent in
+    float32 in a quantized broadcast (e.g. BatchNorm statistics with
+    ``quantize_buffers=false``) go back in float32.
+    Any problem becomes an error reply with the reason
+    (``ErrorCode.MOD_FAILED_PRECONDITION``), as Flower's DP mods do.
+
+    ``max_bytes`` (e.g. ``lowprec_fl.wire.payload_limit`` of the app's model plus
+    ``MESSAGE_SLACK_BYTES``) refuses a larger broadcast: a server then cannot make the client
+    hold more than its own model takes. Without it, decoding is bounded by the message.
+
+    The upload's stochastic rounding draws from a generator keyed by ``seed``, the round and
+    the node's ``partition-id`` (its node id when it has none), so simulations repeat.
     """
 
-    def __init__(self, uplink: BlockFloat, downlink: BlockFloat, seed: int = 0) -> None:
+    def __init__(
+        self,
+        uplink: BlockFloat,
+        downlink: BlockFloat | Collection[BlockFloat],
+        seed: int = 0,
+        max_bytes: int | None = None,
+    ) -> None:
         self.uplink = uplink
-        self.downlink = downlink
+        self.max_bytes = max_bytes
+        formats = [downlink] if isinstance(downlink, BlockFloat) else list(downlink)
+        if not formats:
+            raise ValueError("downlink must name at least one format")
+        #: The accepted broadcast formats, by width.
+        self.downlink = {fmt.bits: fmt for fmt in formats}
+        if len(self.downlink) != len(formats):
+            raise ValueError("downlink formats must have distinct widths")
         self.seed = seed
 
     def __call__(self, msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
@@ -60,25 +100,38 @@ class LowPrecisionMod:
         content[ARRAYS_KEY] = ArrayRecord(
             {name: Array(np.asarray(t.numpy(), order="C")) for name, t in decoded.items()}
         )
-        msg.content = content
-        reply = call_next(msg, ctxt)
+        original, msg.content = msg.content, content
+        try:
+            reply = call_next(msg, ctxt)
+        finally:  # the caller's message stays as it was received
+            msg.content = original
         if kind != MessageType.TRAIN or reply.has_error():
             return reply
+        party = ctxt.node_config.get(PARTITION_KEY, ctxt.node_id)
         try:
-            self._encode(reply, specs_of(decoded), raw_float, server_round, ctxt.node_id)
+            self._encode(reply, specs_of(decoded), raw_float, server_round, int(party))
         except ValueError as err:
             return _error(msg, f"LowPrecisionMod: the app's reply was refused: {err}")
         return reply
 
     def _decode(self, msg: Message) -> tuple[dict[str, torch.Tensor], set[str]]:
+        if self.max_bytes is not None:
+            size = serialized_size(msg.content)
+            if size > self.max_bytes:
+                raise WireFormatError(
+                    f"the broadcast is {size} bytes, more than the limit of {self.max_bytes}"
+                )
         arrays, formats = model_records(msg.content)
+        fmt = message_format(formats, self.downlink)
         # No model to compare with: names and shapes come from the message itself, whose
         # arrays must hold every value (so decoding takes at most ~8x the message's bytes).
-        decoded = decode_tensors(arrays, formats, fmt=self.downlink, allow_float=set(formats))
+        decoded = decode_tensors(arrays, formats, fmt=fmt, allow_float=set(formats))
+        # Tensors a quantized broadcast carried in float32 (e.g. BatchNorm statistics with
+        # quantize_buffers=false) go back in float32; a float32 broadcast says nothing.
         raw_float = {
             name
             for name, t in decoded.items()
-            if t.is_floating_point() and "bits" not in json.loads(formats[name])
+            if fmt.enabled and t.is_floating_point() and "bits" not in json.loads(formats[name])
         }
         return decoded, raw_float
 
@@ -88,7 +141,7 @@ class LowPrecisionMod:
         expected: dict[str, TensorSpec],
         raw_float: set[str],
         server_round: int,
-        node_id: int,
+        party: int,
     ) -> None:
         records = reply.content.array_records
         if set(records) != {ARRAYS_KEY}:
@@ -116,10 +169,13 @@ class LowPrecisionMod:
                 )
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name!r} holds NaN or inf")
-        generator = round_generator(self.seed, node_id, server_round)
+        generator = round_generator(self.seed, party, server_round)
         encoded, formats = encode_tensors(tensors, self.uplink, generator, keep_float=raw_float)
         reply.content[ARRAYS_KEY] = encoded
         reply.content[ARRAYS_KEY + FORMAT_SUFFIX] = formats
+        metrics = reply.content.metric_records.get(METRICS_KEY)
+        if metrics is not None:
+            metrics[PAYLOAD_BYTES_KEY] = encoded.count_bytes()
 
     @staticmethod
     def _round(msg: Message) -> int:

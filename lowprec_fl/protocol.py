@@ -7,11 +7,14 @@ Broadcast (server -> client), a train or evaluate message:
 * ``CONFIG_KEY``: a ``ConfigRecord`` with ``ROUND_KEY``, ``LINEAGE_KEY`` (train) and the inner
   strategy's own keys (e.g. ``PROXIMAL_MU_KEY`` for FedProx).
 
-Reply (client -> server): the same two array records for training, and ``METRICS_KEY``, a
-``MetricRecord`` whose ``WEIGHT_KEY`` is the number of examples the client used.
+Reply (client -> server): the same two array records for training, at the client's own
+width (any the server accepts), and ``METRICS_KEY``, a ``MetricRecord`` whose ``WEIGHT_KEY``
+is the number of examples the client used (``PAYLOAD_BYTES_KEY``: the encoded arrays' size).
 
-Partition query (server -> every node, once): a query message whose ``CONFIG_KEY`` record asks
-for ``PARTITION_KEY``; the reply's ``METRICS_KEY`` record carries it.
+Node config (a SuperNode's ``--node-config``): ``PARTITION_KEY`` and ``num-partitions`` name
+its data; ``NODE_BITS_KEY`` its mantissa width when it differs from the run's. The server
+sends nothing else: it samples clients without asking nodes anything
+(``strategies.ReproducibleSampling``), and learns a client's width from its replies.
 """
 
 from __future__ import annotations
@@ -38,8 +41,12 @@ LINEAGE_KEY = "lineage"
 LINEAGE_PATTERN = re.compile(r"[0-9a-f]{32}")
 #: The metric weighting a reply (Flower's ``weighted_by_key`` default).
 WEIGHT_KEY = "num-examples"
-#: The node-config key and query metric of a node's data partition.
+#: The node-config key of a node's data partition.
 PARTITION_KEY = "partition-id"
+#: The node-config key of a node's mantissa width (clients at different precisions).
+NODE_BITS_KEY = "precision-bits"
+#: The reply metric with the size of the encoded arrays, in bytes.
+PAYLOAD_BYTES_KEY = "payload-bytes"
 
 
 def model_records(content: RecordDict) -> tuple[ArrayRecord, ConfigRecord]:
@@ -63,7 +70,9 @@ __all__ = [
     "LINEAGE_PATTERN",
     "MESSAGE_SLACK_BYTES",
     "METRICS_KEY",
+    "NODE_BITS_KEY",
     "PARTITION_KEY",
+    "PAYLOAD_BYTES_KEY",
     "PROXIMAL_MU_KEY",
     "ROUND_KEY",
     "WEIGHT_KEY",

@@ -157,6 +157,24 @@ def decode_tensors(
     return decoded
 
 
+def message_format(formats: ConfigRecord, accepted: Mapping[int, BlockFloat]) -> BlockFloat:
+    """The format in ``accepted`` (by width) whose width a message's tensors use.
+
+    All quantized tensors of one message share a width; a message of float32 tensors only is
+    32-bit. Raises ``WireFormatError`` for mixed or unaccepted widths. The blocks are checked
+    later, by ``decode_tensors`` with the returned format.
+    """
+    widths = {d["bits"] for d in _parse_formats(formats).values() if "bits" in d}
+    if len(widths) > 1:
+        raise WireFormatError(f"its tensors mix mantissa widths {sorted(widths, key=str)}")
+    width = widths.pop() if widths else FULL_PRECISION_BITS
+    if isinstance(width, bool) or not isinstance(width, int) or width not in accepted:
+        raise WireFormatError(
+            f"its tensors have {width}-bit mantissas; accepted widths: {sorted(accepted)}"
+        )
+    return accepted[width]
+
+
 def read_tensors(
     arrays: ArrayRecord, formats: ConfigRecord
 ) -> dict[str, torch.Tensor | QuantizedTensor]:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
 from lowprec_fl.wire import TensorSpec, specs_of
-from strategies import LowPrecisionStrategy
+from strategies import LowPrecisionStrategy, RoundMetrics
 from strategies.factory import build_strategy
 from task.config import load_config, resolve_device
 from task.data import ExampleBounds, central_test_data, max_client_examples
@@ -63,8 +63,11 @@ class RoundRecorder:
         self.last_time = time.perf_counter()
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """Evaluate ``arrays`` (the moving average) centrally, record the round, checkpoint it."""
-        server_round += self.strategy.round_offset
+        """Evaluate ``arrays`` (the moving average) centrally, record the round, checkpoint it.
+
+        ``server_round`` is the run's absolute round (``ResumableRun`` passes it so); the
+        round's bytes, rejections and client metrics are what the strategy returned.
+        """
         state = {name: arrays[name].numpy() for name in arrays}
         self.model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
         loss, accuracy = evaluate_model(
@@ -73,25 +76,30 @@ class RoundRecorder:
         if any(row.round == server_round for row in self.writer.rows):
             return MetricRecord({"accuracy": accuracy, "loss": loss})  # resumed: already recorded
         now = time.perf_counter()
-        traffic = self.strategy.traffic.get(server_round)
+        returned = self.strategy.history.get(server_round, RoundMetrics())
+        train = dict(returned.train.items()) if returned.train is not None else {}
+        evaluate = dict(returned.evaluate.items()) if returned.evaluate is not None else {}
+
+        def both(key: str) -> int:
+            return int(train.get(key, 0)) + int(evaluate.get(key, 0))
+
         row = RoundRow(
             round=server_round,
             accuracy=accuracy,
             loss=loss,
-            uplink_bytes=traffic.uplink_bytes if traffic else 0,
-            downlink_bytes=traffic.downlink_bytes if traffic else 0,
-            fp32_uplink_bytes=traffic.fp32_uplink_bytes if traffic else 0,
-            fp32_downlink_bytes=traffic.fp32_downlink_bytes if traffic else 0,
+            uplink_bytes=both("uplink-bytes"),
+            downlink_bytes=both("downlink-bytes"),
+            fp32_uplink_bytes=both("fp32-uplink-bytes"),
+            fp32_downlink_bytes=both("fp32-downlink-bytes"),
             seconds=now - self.last_time,
-            rejected_updates=len(traffic.rejected) if traffic else 0,
-            failed_clients=len(traffic.failed) if traffic else 0,
-            clipped_updates=traffic.clipped if traffic else 0,
-            max_update_norm_ratio=max(traffic.update_norm_ratios, default=0.0) if traffic else 0.0,
-            train_loss=_number(traffic.train_metrics.get("train-loss")) if traffic else None,
-            eval_loss=_number(traffic.evaluate_metrics.get("eval-loss")) if traffic else None,
-            eval_accuracy=_number(traffic.evaluate_metrics.get("eval-accuracy"))
-            if traffic
-            else None,
+            rejected_updates=both("rejected-replies"),
+            failed_clients=int(train.get("failed-replies", 0)),
+            clipped_updates=int(train.get("clipped-updates", 0)),
+            max_update_norm_ratio=float(train.get("max-update-norm-ratio", 0.0)),
+            train_loss=_number(train.get("train-loss")),
+            eval_loss=_number(evaluate.get("eval-loss")),
+            eval_accuracy=_number(evaluate.get("eval-accuracy")),
+            bytes_by_bits=_bytes_by_bits(train, evaluate),
         )
         self.last_time = now
         self.writer.add(row)  # first the row, then the checkpoint: a resume never skips a row
@@ -112,6 +120,17 @@ def _example_bounds(cfg: DictConfig, connected: int) -> ExampleBounds:
     return ExampleBounds(
         train=max(b.train for b in bounds), evaluate=max(b.evaluate for b in bounds)
     )
+
+
+def _bytes_by_bits(*phases: dict) -> dict[str, int]:
+    """Bytes per direction and width over the round's phases, e.g. ``{"uplink-4bit": n}``."""
+    totals: dict[str, int] = {}
+    for metrics in phases:
+        for key, value in metrics.items():
+            if key.endswith("bit") and "-bytes-" in key:
+                name = key.replace("-bytes-", "-")
+                totals[name] = totals.get(name, 0) + int(value)
+    return dict(sorted(totals.items()))
 
 
 def _number(value: object) -> float | None:
@@ -150,7 +169,6 @@ def _resume(
         restore(checkpoint, strategy, names)
     except (KeyError, ValueError, TypeError) as err:
         raise CheckpointError(f"cannot resume from {path}: {err}") from None
-    strategy.round_offset = checkpoint.round
     writer.load_rows(up_to=checkpoint.round)
     log(INFO, "Resuming after round %d from %s", checkpoint.round, path)
     return ArrayRecord({name: Array(checkpoint.model[name]) for name in names})
@@ -189,7 +207,7 @@ def main(grid: Grid, context: Context) -> None:
     result = strategy.start(
         grid=grid,
         initial_arrays=initial,
-        num_rounds=int(cfg.federation.num_rounds) - strategy.round_offset,
+        num_rounds=int(cfg.federation.num_rounds),  # the total: a resumed run continues
         timeout=float(cfg.federation.round_timeout),
         train_config=_train_config(cfg),
         evaluate_config=ConfigRecord(),

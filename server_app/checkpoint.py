@@ -1,10 +1,12 @@
 """Per-round server checkpoints: model, moving average, strategy state, round and Python RNG.
 
-One ``checkpoint.safetensors`` holds the tensors (``model/``, ``average/`` and the inner
-strategy's state under ``strategy/``) and, as string metadata, the round counter, the moving
-average's update count, Python's ``random`` state (client sampling is seeded per round, see
-``strategies/node_order.py``; any other user of ``random`` resumes where it was) and the
-inner strategy's class, tensor order and None attributes. No pickle. It is written to a
+One ``checkpoint.safetensors`` holds the broadcast model and the strategy's state tree
+(``LowPrecisionStrategy.state_dict()``): tensors ``model/``, ``average/`` (the moving average)
+and ``strategy/`` (the Flower strategy's state) and, as string metadata, the round counter,
+the lineage, the moving average's update count, the count of rounds in a row without an
+accepted update, Python's ``random`` state (client sampling does not draw from it, see
+``strategies/sampling.py``; any other user of ``random`` resumes where it was) and the Flower
+strategy's class, tensor order and None attributes. No pickle. It is written to a
 temporary file and renamed, so a crash never leaves a torn checkpoint, and it carries a sha256
 digest of everything in it (``task.verified_file``): a damaged checkpoint is refused with a
 message naming the file, never loaded into a run.
@@ -24,14 +26,8 @@ import torch
 from lowprec_fl.protocol import LINEAGE_PATTERN
 from lowprec_fl.wire import TensorSpec
 from strategies import LowPrecisionStrategy
-from strategies.state import (
-    SEPARATOR,
-    inner_strategy,
-    load_strategy_state,
-    none_attributes,
-    state_attributes,
-    strategy_state,
-)
+from strategies.state import SEPARATOR
+from strategies.wrapper import WRAPPED
 from task.verified_file import CorruptFileError, load_verified, save_verified
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -51,6 +47,7 @@ class Checkpoint:
     strategy: dict[str, np.ndarray] = field(default_factory=dict)
     strategy_none: tuple[str, ...] = ()
     lineage: str = ""
+    failed_rounds: int = 0
 
 
 class CheckpointError(ValueError):
@@ -68,28 +65,47 @@ def save_checkpoint(
     model: dict[str, np.ndarray],
     strategy: LowPrecisionStrategy,
 ) -> Path:
-    """Atomically write the state after ``server_round``; returns the checkpoint's path."""
-    moving_average = strategy.moving_average
-    inner_state = strategy_state(strategy)
+    """Atomically write the state after ``server_round``; returns the checkpoint's path.
+
+    The strategy's state tree (``strategy.state_dict()``) is written entry by entry: the
+    moving average under ``average/``, the Flower strategy's arrays under ``strategy/``,
+    counters and names as metadata.
+    """
+    state = _flatten(strategy.state_dict())
+    inner_state = state["arrays"]
     tensors = _tensors(_MODEL, model)
-    if moving_average.average is not None:
-        tensors.update(_tensors(_AVERAGE, moving_average.average))
+    if state["average"] is not None:
+        tensors.update(_tensors(_AVERAGE, state["average"]))
     tensors.update(_tensors(_STRATEGY, inner_state))
     metadata = {
         "round": str(server_round),
-        "lineage": strategy.lineage,
-        "num_updates": str(moving_average.num_updates),
+        "lineage": state["lineage"],
+        "num_updates": str(state["num_updates"]),
+        "failed_rounds": str(state["failed_rounds"]),
         "random_state": json.dumps(random.getstate()),
         "strategy": json.dumps(
             {
-                "class": type(inner_strategy(strategy)).__name__,
+                "class": state["class"],
                 "order": list(inner_state),
-                "none": none_attributes(strategy),
+                "none": state["none"],
                 "dtypes": {key: value.dtype.str for key, value in inner_state.items()},
             }
         ),
     }
     return save_verified(directory / CHECKPOINT_NAME, tensors, metadata)
+
+
+def _chain(tree: dict) -> list[dict]:
+    """The nodes of a state tree, outermost first (each wrapper's state holds the next)."""
+    nodes = [tree]
+    while isinstance(nodes[-1].get(WRAPPED), dict):
+        nodes.append(nodes[-1][WRAPPED])
+    return nodes
+
+
+def _flatten(tree: dict) -> dict:
+    """Every wrapper's own entries in one mapping (their names do not collide)."""
+    return {k: v for node in _chain(tree) for k, v in node.items() if k != WRAPPED}
 
 
 def load_checkpoint(directory: Path) -> Checkpoint | None:
@@ -124,6 +140,9 @@ def _parse(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> Checkpoi
     average = {k[len(_AVERAGE) :]: v for k, v in tensors.items() if k.startswith(_AVERAGE)}
     stored = {k[len(_STRATEGY) :] for k in tensors if k.startswith(_STRATEGY)}
     unknown = [k for k in tensors if not k.startswith((_MODEL, _AVERAGE, _STRATEGY))]
+    failed_rounds = (
+        _nonnegative_int(metadata, "failed_rounds") if "failed_rounds" in metadata else 0
+    )
     if unknown:
         raise ValueError(f"it holds tensors that are not part of a checkpoint: {unknown[:3]}")
     strategy = json.loads(metadata["strategy"])
@@ -155,6 +174,7 @@ def _parse(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> Checkpoi
         strategy={k: tensors[_STRATEGY + k] for k in order},
         strategy_none=tuple(none),
         lineage=lineage,
+        failed_rounds=failed_rounds,
     )
 
 
@@ -234,35 +254,26 @@ def check_fits(checkpoint: Checkpoint, template: Mapping[str, TensorSpec], path:
 
 
 def restore(checkpoint: Checkpoint, strategy: LowPrecisionStrategy, names: list[str]) -> None:
-    """Put the moving average, the inner strategy's state and the client-sampling RNG back.
+    """Load the checkpoint's state tree into ``strategy``, and put the Python RNG back.
 
     ``names`` is the model's tensor order: the broadcast draws one dither key per tensor in
-    order, so a resumed run must iterate tensors exactly like an uninterrupted one.
+    order, so a resumed run must iterate tensors exactly like an uninterrupted one. Raises
+    ``ValueError`` when the state does not fit the strategy (another Flower strategy, or a
+    stateful one's state missing).
     """
-    _check_strategy(checkpoint, strategy)
     average = checkpoint.average
-    if average is not None:
-        average = {name: average[name] for name in names}
-    strategy.moving_average.average = average
-    strategy.moving_average.num_updates = checkpoint.num_updates
-    load_strategy_state(strategy, checkpoint.strategy)
-    if checkpoint.lineage:  # clients find the optimizer state of this lineage again
-        strategy.lineage = checkpoint.lineage
+    values = {
+        "round": checkpoint.round,
+        "lineage": checkpoint.lineage,
+        "average": None if average is None else {name: average[name] for name in names},
+        "num_updates": checkpoint.num_updates,
+        "failed_rounds": checkpoint.failed_rounds,
+        "class": checkpoint.strategy_class,
+        "arrays": checkpoint.strategy,
+        "none": list(checkpoint.strategy_none),
+    }
+    tree = strategy.state_dict()  # the skeleton: which wrapper owns which entry
+    for node in _chain(tree):
+        node.update({k: values[k] for k in node if k in values})
+    strategy.load_state_dict(tree)
     random.setstate(checkpoint.random_state)
-
-
-def _check_strategy(checkpoint: Checkpoint, strategy: LowPrecisionStrategy) -> None:
-    """Refuse a checkpoint whose strategy state does not fit the configured strategy."""
-    name = type(inner_strategy(strategy)).__name__
-    if checkpoint.strategy_class not in (None, name):
-        raise ValueError(
-            f"{CHECKPOINT_NAME} was written by {checkpoint.strategy_class}, not {name}: "
-            "resume with the same strategy as the run that wrote it"
-        )
-    saved = {k.partition(SEPARATOR)[0] for k in checkpoint.strategy}
-    missing = sorted(set(state_attributes(strategy)) - saved - set(checkpoint.strategy_none))
-    if missing:
-        raise ValueError(
-            f"{CHECKPOINT_NAME} lacks the {name} state {missing} (written by an older version?): "
-            "it cannot resume this run exactly; start it again without server.resume"
-        )

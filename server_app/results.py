@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,9 @@ class RoundRow:
     train_loss: float | None = None
     eval_loss: float | None = None
     eval_accuracy: float | None = None
+    #: Bytes by direction and mantissa width, e.g. ``{"uplink-4bit": n, "uplink-8bit": m}``
+    #: (clients at different precisions; in results.csv as a JSON object).
+    bytes_by_bits: dict[str, int] = field(default_factory=dict)
 
 
 class ResultsWriter:
@@ -83,7 +86,7 @@ class ResultsWriter:
         with tmp.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(RoundRow.__dataclass_fields__))
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({**r, "bytes_by_bits": json.dumps(r["bytes_by_bits"])} for r in rows)
         tmp.replace(self.output_dir / "results.csv")
 
     def plot(self) -> list[Path]:
@@ -140,6 +143,13 @@ def format_row(row: RoundRow, num_rounds: int) -> str:
         text += f"  failed {row.failed_clients}"
     if row.clipped_updates:
         text += f"  clipped {row.clipped_updates}"
+    widths = {key.rsplit("-", 1)[1] for key in row.bytes_by_bits}
+    if len(widths) > 1:  # clients at different precisions
+        text += "  up by width " + " ".join(
+            f"{key.rsplit('-', 1)[1]}:{value / MB:.3f}"
+            for key, value in row.bytes_by_bits.items()
+            if key.startswith("uplink")
+        )
     return text
 
 

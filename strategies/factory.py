@@ -10,10 +10,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from lowprec_fl.wire import TensorSpec
 from task.data import ExampleBounds
-from task.formats import downlink_format, uplink_format
+from task.formats import accepted_bits, downlink_format, uplink_format
 
 from .low_precision import LowPrecisionStrategy
-from .moving_average import ServerMovingAverage
 from .update_guard import UpdateGuard
 
 #: Config names of the Flower strategies that plug in, and their classes.
@@ -80,11 +79,10 @@ def build_strategy(
         template=template,
         uplink=uplink_format(q),
         downlink=downlink_format(q),
-        moving_average=ServerMovingAverage(
-            decay=float(server.moving_average),
-            start_round=int(server.moving_average_start),
-            warmup=bool(server.moving_average_warmup),
-        ),
+        moving_average=float(server.moving_average),
+        moving_average_start=int(server.moving_average_start),
+        moving_average_warmup=bool(server.moving_average_warmup),
+        accepted_bits=accepted_bits(cfg),
         weighting=server.weighting,
         float_buffers=() if q.quantize_buffers else float_buffers,
         seed=int(cfg.seed),

@@ -9,13 +9,12 @@ keep state; every other strategy (FedAvg, FedProx, FedMedian, ...) contributes n
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import FedAvgM, Strategy
 from flwr.serverapp.strategy.fedopt import FedOpt
-
-from .low_precision import LowPrecisionStrategy
 
 #: Stateful Flower strategies (subclasses included): attribute -> the container Flower keeps.
 STATE_ATTRIBUTES: dict[type[Strategy], dict[str, type]] = {
@@ -26,9 +25,9 @@ SEPARATOR = "/"
 
 
 def inner_strategy(strategy: Strategy) -> Strategy:
-    """The Flower strategy inside any ``LowPrecisionStrategy`` wrappers."""
-    while isinstance(strategy, LowPrecisionStrategy):
-        strategy = strategy.inner
+    """The innermost strategy of a chain of wrappers (ours and Flower's keep ``.strategy``)."""
+    while isinstance(getattr(strategy, "strategy", None), Strategy):
+        strategy = strategy.strategy
     return strategy
 
 
@@ -99,3 +98,35 @@ def _container(container: type, items: dict[str, np.ndarray]) -> dict | list | A
     if container is list:
         return [items[str(index)] for index in range(len(items))]
     return dict(items)
+
+
+def flower_state(strategy: Strategy) -> dict[str, Any]:
+    """The state tree of a Flower strategy: its class, its arrays and its None attributes.
+
+    ``{"class": name, "arrays": strategy_state(...), "none": none_attributes(...)}``.
+    """
+    return {
+        "class": type(inner_strategy(strategy)).__name__,
+        "arrays": strategy_state(strategy),
+        "none": none_attributes(strategy),
+    }
+
+
+def load_flower_state(strategy: Strategy, state: Mapping[str, Any]) -> None:
+    """Put back a ``flower_state`` tree; refuses one of another class or missing attributes."""
+    name = type(inner_strategy(strategy)).__name__
+    saved_class = state.get("class")
+    if saved_class not in (None, name):
+        raise ValueError(
+            f"the state was written by {saved_class}, not {name}: resume with the same "
+            "strategy as the run that wrote it"
+        )
+    arrays = state.get("arrays", {})
+    saved = {k.partition(SEPARATOR)[0] for k in arrays}
+    missing = sorted(set(state_attributes(strategy)) - saved - set(state.get("none", ())))
+    if missing:
+        raise ValueError(
+            f"the state lacks the {name} state {missing} (written by an older version?): it "
+            "cannot resume this run exactly; start it again without server.resume"
+        )
+    load_strategy_state(strategy, arrays)

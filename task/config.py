@@ -186,6 +186,12 @@ def validate_config(cfg: DictConfig) -> None:
             BlockFloat(int(q[key]), q.wire_layout, q.rounding, int(q.block_size))
         except (ValueError, TypeError) as err:
             problems.append(f"quantization.{key}={q[key]!r}: {err}")
+    for key in ("clients.bits", "clients.accepted_bits"):
+        for bits in OmegaConf.select(cfg, key):
+            try:
+                BlockFloat(bits, q.wire_layout, q.rounding, int(q.block_size))
+            except (ValueError, TypeError) as err:
+                problems.append(f"{key} has {bits!r}: {err}")
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(dict.fromkeys(problems)))
 

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from collections.abc import Mapping
+from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
+from lowprec_fl.protocol import NODE_BITS_KEY
 from quantization import FP32, BlockFloat, TrainingPrecision
+
+#: The quantization keys a client at another width sets to it: training and upload.
+CLIENT_WIDTH_KEYS = ("weight_bits", "grad_bits", "activation_bits", "error_bits", "uplink_bits")
 
 
 def _fmt(bits: int, layout: str, q: DictConfig) -> BlockFloat:
@@ -32,3 +39,52 @@ def uplink_format(q: DictConfig) -> BlockFloat:
 def downlink_format(q: DictConfig) -> BlockFloat:
     """Format of the server's broadcast Q(w_bar)."""
     return _fmt(q.downlink_bits, q.wire_layout, q)
+
+
+def accepted_bits(cfg: DictConfig) -> list[int]:
+    """Uplink widths the server accepts: ``uplink_bits``, ``clients.bits``, ``accepted_bits``."""
+    widths = {int(cfg.quantization.uplink_bits)}
+    widths |= {int(b) for b in cfg.clients.bits} | {int(b) for b in cfg.clients.accepted_bits}
+    return sorted(widths)
+
+
+def client_bits(cfg: DictConfig, node_config: Mapping[str, Any], partition_id: int) -> int | None:
+    """This client's own width, if it has one: its node config's, else ``clients.bits``'s.
+
+    Raises ``ValueError`` naming the setting when the width is not one the server accepts.
+    """
+    if NODE_BITS_KEY in node_config:
+        bits, source = node_config[NODE_BITS_KEY], f"--node-config {NODE_BITS_KEY}"
+    elif len(cfg.clients.bits):
+        bits = cfg.clients.bits[partition_id % len(cfg.clients.bits)]
+        source = f"clients.bits (partition {partition_id})"
+    else:
+        return None
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in accepted_bits(cfg):
+        raise ValueError(
+            f"{source} asks for {bits!r}-bit training, but the server accepts only "
+            f"{accepted_bits(cfg)} bits: add it to clients.accepted_bits in the run config"
+        )
+    return bits
+
+
+def client_quantization(cfg: DictConfig, bits: int | None) -> DictConfig:
+    """``cfg.quantization`` for a client that trains and uploads at ``bits`` (None: as is)."""
+    if bits is None:
+        return cfg.quantization
+    q = OmegaConf.to_container(cfg.quantization, resolve=True)
+    q.update(dict.fromkeys(CLIENT_WIDTH_KEYS, bits))
+    return OmegaConf.create(q)
+
+
+def client_downlinks(cfg: DictConfig, bits: int | None) -> list[BlockFloat]:
+    """The broadcast formats a client accepts: the server's downlink, and its own width's.
+
+    The server sends a client at another width its own format once it has heard from it
+    (``strategies.QuantizedMessages.downlink_for``); before that, the usual downlink.
+    """
+    default = downlink_format(cfg.quantization)
+    if bits is None or bits == int(cfg.quantization.uplink_bits):
+        return [default]
+    own = _fmt(bits, cfg.quantization.wire_layout, cfg.quantization)
+    return [default] if own.bits == default.bits else [default, own]

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
+from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -75,6 +76,15 @@ class InProcessGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         """All simulated nodes, by id (like Flower, not in partition order)."""
         return sorted(self.contexts)
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        """The nodes as the SuperLink describes them: registered in partition order, as
+        Flower's simulation registers them."""
+        partition = {n: c.node_config["partition-id"] for n, c in self.contexts.items()}
+        return [
+            NodeInfo(node_id=n, registered_at=f"2026-01-01T00:00:00.{partition[n]:06d}")
+            for n in self.get_node_ids()
+        ]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Not used in-process."""

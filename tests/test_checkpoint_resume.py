@@ -26,9 +26,9 @@ from client_app.state import (
 )
 from lowprec_fl.wire import FORMAT_SUFFIX, encode_tensors, specs_of
 from quantization import FP32
-from server_app import checkpoint as checkpoint_module
 from server_app.app import main
 from server_app.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore, save_checkpoint
+from strategies import state as strategy_state_module
 from strategies.factory import INNER_STRATEGIES, build_strategy
 from strategies.state import state_attributes
 from task import verified_file
@@ -87,7 +87,7 @@ def _differing_tensors(a: Path, b: Path) -> list[str]:
 
 def _forget_strategy_state(monkeypatch: pytest.MonkeyPatch, out: Path) -> None:
     """Resume without putting the inner strategy's state back."""
-    monkeypatch.setattr(checkpoint_module, "load_strategy_state", lambda strategy, arrays: None)
+    monkeypatch.setattr(strategy_state_module, "load_strategy_state", lambda strategy, arrays: None)
 
 
 def _forget_client_state(monkeypatch: pytest.MonkeyPatch, out: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from server_app.checkpoint import (
     save_checkpoint,
 )
 from server_app.results import ResultsWriter
-from strategies.low_precision import FederationStalledError
+from strategies import FederationStalledError
 from strategies.update_guard import UpdateGuard
 from task.config import load_config
 from task.data import client_data, max_client_examples
@@ -107,7 +108,8 @@ def test_stalled_federation_stops_with_a_clear_error():
         requests = _requests(strategy, server_round)
         bad = [_reply(r, _content(_client_state(11), bits=8)) for r in requests]  # wrong width
         if server_round == 1:
-            assert strategy.aggregate_train(server_round, bad) == (None, None)
+            arrays, metrics = strategy.aggregate_train(server_round, bad)
+            assert arrays is None and metrics["rejected-replies"] == len(bad)
         else:
             with pytest.raises(FederationStalledError, match="last 2 rounds") as info:
                 strategy.aggregate_train(server_round, bad)
@@ -123,7 +125,7 @@ def test_one_good_round_resets_the_stall_count():
         bits = 4 if good else 8
         replies = [_reply(r, _content(_client_state(11), bits=bits)) for r in requests]
         outcomes.append(strategy.aggregate_train(server_round, replies)[0] is not None)
-    assert outcomes == [False, True, False] and strategy.failed_rounds == 1
+    assert outcomes == [False, True, False] and strategy.messages.failed_rounds == 1
 
 
 def test_server_app_stops_when_no_client_succeeds(tmp_path: Path):
@@ -279,7 +281,8 @@ FLOATS = [k for k, v in _template().items() if v.is_floating_point()]
 
 
 def _reference_broadcast(strategy) -> dict[str, np.ndarray]:
-    (reference,) = strategy._references.values()
+    (references,) = strategy.messages._references.values()
+    reference = references[strategy.messages.downlink]
     return {k: v.numpy() for k, v in reference.tensors.items()}
 
 
@@ -341,12 +344,13 @@ def test_client_refuses_a_broadcast_with_foreign_blocks_or_bloat():
     run_config = _client_run_config()
     message = _message(run_config)
     message.content = _relabel(message.content, layout="block", block_size=2**24)
-    with pytest.raises(Exception, match="has blocks of 16777216 elements"):
-        client_app(message, _context(run_config))
+    reply = client_app(message, _context(run_config))
+    assert reply.has_error() and "has blocks of 16777216 elements" in reply.error.reason
     message = _message(run_config)
     message.content["junk"] = ConfigRecord({"junk": "x" * (4 << 20)})
-    with pytest.raises(Exception, match="the broadcast is .* bytes, more than the limit"):
-        client_app(message, _context(run_config))
+    reply = client_app(message, _context(run_config))
+    assert reply.has_error()
+    assert re.search("the broadcast is .* bytes, more than the limit", reply.error.reason)
 
 
 # ----------------------------------------------------------------------------- 5. lineage

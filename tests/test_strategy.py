@@ -37,9 +37,9 @@ from lowprec_fl.wire import (
     specs_of,
 )
 from quantization import FP32, BlockFloat, quantize
-from strategies import LowPrecisionStrategy, ServerMovingAverage
+from strategies import LowPrecisionStrategy, ServerMovingAverage, is_traffic_metric
 from strategies.factory import build_strategy
-from strategies.low_precision import content_digest
+from strategies.quantized_messages import content_digest
 from task.config import load_config
 from task.model import build_configured_model, float_buffer_names
 from tests.flower_harness import InProcessGrid
@@ -484,7 +484,8 @@ def test_fp32_wrapper_equals_plain_fedavg_exactly():
         assert np.array_equal(arrays[name].numpy(), ref_arrays[name].numpy()), name
     # metrics: the wrapper averages each key with math.fsum (correctly rounded, so independent
     # of order); Flower adds v * (w / total) left to right, within a few ulps of it
-    assert metrics.keys() == ref_metrics.keys()
+    client_metrics = {k: v for k, v in metrics.items() if not is_traffic_metric(k)}
+    assert client_metrics.keys() == ref_metrics.keys()
     for key in ref_metrics:
         assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-14, abs=0), key
 
@@ -730,9 +731,12 @@ def test_all_replies_bad_returns_none():
     failed.metadata.__dict__["_src_node_id"] = requests[3].metadata.dst_node_id
     replies.append(failed)
 
-    assert strategy.aggregate_train(1, replies) == (None, None)
-    assert len(strategy.traffic[1].rejected) == 3
-    assert strategy.aggregate_train(2, []) == (None, None)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is None and len(strategy.traffic[1].rejected) == 3
+    assert metrics["rejected-replies"] == 3 and metrics["failed-replies"] == 1  # the counts
+    assert not any(not is_traffic_metric(key) for key in metrics)  # and nothing else
+    arrays, metrics = strategy.aggregate_train(2, [])
+    assert arrays is None and metrics["uplink-bytes"] == 0
 
 
 def test_aggregate_evaluate_drops_bad_metrics():
@@ -810,7 +814,7 @@ def _model(value: float, count: int = 1) -> dict[str, np.ndarray]:
 
 
 def test_moving_average_decay_zero_passes_through():
-    ma = ServerMovingAverage(decay=0.0)
+    ma = ServerMovingAverage(FedAvg(), decay=0.0)
     assert not ma.enabled
     for r, v in enumerate([1.0, 5.0, -2.0], start=1):
         out = ma.update(r, _model(v, r))
@@ -819,7 +823,7 @@ def test_moving_average_decay_zero_passes_through():
 
 
 def test_moving_average_from_round_one():
-    ma = ServerMovingAverage(decay=0.9, start_round=1, warmup=False)
+    ma = ServerMovingAverage(FedAvg(), decay=0.9, start_round=1, warmup=False)
     w1, w2, w3 = _model(1.0), _model(2.0), _model(4.0)
     np.testing.assert_array_equal(ma.update(1, w1)["w"], w1["w"])  # first model is the average
     out2 = ma.update(2, w2)
@@ -830,7 +834,7 @@ def test_moving_average_from_round_one():
 
 
 def test_moving_average_start_round():
-    ma = ServerMovingAverage(decay=0.9, start_round=3, warmup=False)
+    ma = ServerMovingAverage(FedAvg(), decay=0.9, start_round=3, warmup=False)
     for r, v in [(1, 1.0), (2, 2.0)]:
         np.testing.assert_array_equal(ma.update(r, _model(v))["w"], _model(v)["w"])
     assert ma.average is None
@@ -840,7 +844,7 @@ def test_moving_average_start_round():
 
 
 def test_moving_average_warmup():
-    ma = ServerMovingAverage(decay=0.9, warmup=True)
+    ma = ServerMovingAverage(FedAvg(), decay=0.9, warmup=True)
     expected = 7.0
     ma.update(1, _model(expected))
     rng = np.random.default_rng(0)
@@ -855,7 +859,7 @@ def test_moving_average_warmup():
 
 
 def test_moving_average_int_buffers_take_newest_value():
-    ma = ServerMovingAverage(decay=0.9, warmup=False)
+    ma = ServerMovingAverage(FedAvg(), decay=0.9, warmup=False)
     ma.update(1, _model(1.0, count=100))
     out = ma.update(2, _model(2.0, count=7))
     assert out["n"].dtype == np.int64 and int(out["n"]) == 7
@@ -865,12 +869,12 @@ def test_moving_average_int_buffers_take_newest_value():
 @pytest.mark.parametrize("decay", [1.0, -0.1, 1.5])
 def test_moving_average_invalid_decay(decay):
     with pytest.raises(ValueError, match="decay must be in"):
-        ServerMovingAverage(decay=decay)
+        ServerMovingAverage(FedAvg(), decay=decay)
 
 
 def test_moving_average_invalid_start_round():
     with pytest.raises(ValueError, match="start round must be >= 1"):
-        ServerMovingAverage(decay=0.5, start_round=0)
+        ServerMovingAverage(FedAvg(), decay=0.5, start_round=0)
 
 
 def test_strategy_broadcasts_the_moving_average():
@@ -879,7 +883,7 @@ def test_strategy_broadcasts_the_moving_average():
         template,
         uplink_bits=32,
         downlink=FP32,
-        moving_average=ServerMovingAverage(decay=0.9, warmup=False),
+        moving_average=0.9,
     )
     history = []
     for server_round, value in [(1, 1.0), (2, 3.0)]:
@@ -962,7 +966,7 @@ def test_inner_strategy_equals_plain_flower_on_the_decoded_updates(name):
     model = build_configured_model(cfg)
     template = {k: v.detach().clone() for k, v in model.state_dict().items()}
     strategy = build_strategy(cfg, specs_of(template), float_buffer_names(model))
-    assert not strategy.moving_average.enabled and not strategy.downlink.enabled
+    assert not strategy.moving_average.enabled and not strategy.messages.downlink.enabled
     grid = RecordingGrid(client_app, INNER_NODES, run_config, tamper=_unequal_weights)
     # The wrapper picks the order it hands updates to the inner strategy in (float32 sums
     # depend on it); note it, to give plain Flower the same order.
@@ -1024,7 +1028,7 @@ def test_inner_strategy_equals_plain_flower_on_the_decoded_updates(name):
     for a, b in ((first, second), (second, result.arrays)):
         assert any(not np.array_equal(a[k].numpy(), b[k].numpy()) for k in template)
     assert sorted(result.train_metrics_clientapp) == [1, 2]
-    assert isinstance(strategy.template["classifier.weight"], TensorSpec)
+    assert isinstance(strategy.messages.template["classifier.weight"], TensorSpec)
 
 
 # ----------------------------------------------------------------------------- inner reference

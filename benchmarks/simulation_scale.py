@@ -4,7 +4,8 @@ Run ``python -m benchmarks.simulation_scale`` (MNIST from DATA_ROOT, a few minut
 ``flwr run`` simulations do the same work per round - 10 clients train, each for
 ``train.max_steps`` local steps at 8 bits (15: each of 100 MNIST clients holds 17 batches) - and
 differ only in the federation: 10 SuperNodes all sampled, or 100 SuperNodes of which 10% are
-sampled. Seconds per round come from the server's results.json (rounds after the first); peak
+sampled. Seconds per round come from the server's results.json (the median of the rounds after the
+first, and the first apart: client sampling must not cost more in a larger federation); peak
 memory is the largest sum of PSS over every process the run started (the flwr CLI, SuperLink,
 simulation engine, Ray and its workers), sampled every 0.25 s. Prints one line per figure and
 writes ``benchmarks/results/simulation_scale.json``.
@@ -70,6 +71,7 @@ def measure(num_clients: int, rounds: int, max_steps: int, workdir: Path) -> dic
     per_round = [r["seconds"] for r in rows if r["round"] >= 2]
     return {
         "seconds_per_round": statistics.median(per_round),
+        "first_round_seconds": next(r["seconds"] for r in rows if r["round"] == 1),
         "wall_seconds": wall,
         "peak_memory_mb": memory.peak / MB,
     }
@@ -78,11 +80,20 @@ def measure(num_clients: int, rounds: int, max_steps: int, workdir: Path) -> dic
 def figures(small: dict[str, float], large: dict[str, float], n_small: int, n_large: int) -> list:
     """The per-size figures and the large/small ratios."""
     out = []
-    for key, unit in (("seconds_per_round", "s"), ("peak_memory_mb", "MB"), ("wall_seconds", "s")):
+    keys = (
+        ("seconds_per_round", "s"),
+        ("first_round_seconds", "s"),
+        ("peak_memory_mb", "MB"),
+        ("wall_seconds", "s"),
+    )
+    for key, unit in keys:
+        # Sampling costs what the sample costs, not what the federation holds: the first
+        # round (where nodes used to be queried one by one) must not grow with the federation.
+        target = "<= 1.5" if key == "first_round_seconds" else None
         out += [
             Figure(f"{key}_{n_small}_clients", small[key], unit),
             Figure(f"{key}_{n_large}_clients", large[key], unit),
-            Figure(f"{key}_ratio_{n_large}_vs_{n_small}", large[key] / small[key], "x"),
+            Figure(f"{key}_ratio_{n_large}_vs_{n_small}", large[key] / small[key], "x", target),
         ]
     return out
 

@@ -27,3 +27,20 @@ def with_item(record, key: str, value):
     else:
         items[key] = value
     return type(record)(items)
+
+
+def configured_strategy(run_config: dict):
+    """(strategy, model template, initial ArrayRecord) as the ServerApp builds them."""
+    from flwr.app import Array, ArrayRecord
+
+    from lowprec_fl.wire import specs_of
+    from strategies.factory import build_strategy
+    from task.config import load_config
+    from task.model import build_configured_model, float_buffer_names
+
+    cfg = load_config(run_config)
+    model = build_configured_model(cfg)
+    template = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    strategy = build_strategy(cfg, specs_of(template), float_buffer_names(model))
+    initial = ArrayRecord({k: Array(v.numpy()) for k, v in template.items()})
+    return strategy, template, initial

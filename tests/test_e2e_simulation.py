@@ -86,6 +86,36 @@ def test_flwr_run_trains_a_batchnorm_model_beyond_round_1(tmp_path: Path) -> Non
     assert int(final["bn1.num_batches_tracked"]) == 4  # 2 steps in each of 2 rounds
 
 
+def test_flwr_run_with_clients_at_8_6_and_4_bits(tmp_path: Path) -> None:
+    """One federation, three widths: each client trains and uploads at its own, the server
+    aggregates them all, and results.json counts the bytes of each width."""
+    mnist_root()
+    overrides = (
+        "federation.num_rounds=2 federation.num_clients=3 federation.fraction_train=1 "
+        "partition.scheme=iid train.max_steps=30 server.max_eval_samples=2000 "
+        "clients.bits=[8,6,4]"
+    )
+    code, text, out = _simulate(tmp_path, overrides, num_supernodes=3)
+    assert code == 0, text[-3000:]
+    rows = json.loads((out / "results.json").read_text())["rounds"]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert row["rejected_updates"] == 0 and row["failed_clients"] == 0, row
+        widths = row["bytes_by_bits"]
+        up = [widths[f"uplink-{b}bit"] for b in (4, 6, 8)]
+        assert 0 < up[0] < up[1] < up[2] and sum(up) == row["uplink_bytes"], row
+    # round 1 reaches every client at the default width; round 2 each at its own
+    assert set(rows[1]["bytes_by_bits"]) == {
+        "uplink-4bit",
+        "uplink-6bit",
+        "uplink-8bit",
+        "downlink-8bit",
+    }
+    assert {"downlink-4bit", "downlink-6bit", "downlink-8bit"} <= set(rows[2]["bytes_by_bits"])
+    assert rows[-1]["accuracy"] > 0.6, rows  # chance is 0.1
+    assert "up by width" in text  # the per-round line shows the widths
+
+
 def test_flwr_run_whose_clients_never_reply_in_time_fails_with_a_clear_error(tmp_path: Path):
     """A real round_timeout that expires: no update arrives, so the run stops and says why."""
     overrides = (

@@ -31,15 +31,14 @@ from flwr.common.constant import ErrorCode
 from safetensors.torch import load_file
 
 from client_app.app import app as client_app
-from lowprec_fl.wire import EXPONENT_SUFFIX, encode_tensors, specs_of
+from lowprec_fl.wire import EXPONENT_SUFFIX, encode_tensors
 from quantization import BlockFloat
 from server_app.app import main as server_main
 from strategies import LowPrecisionStrategy, is_traffic_metric
-from strategies.factory import build_strategy
 from task.config import load_config
-from task.model import build_configured_model, float_buffer_names
+from task.model import build_configured_model
 from tests.flower_harness import InProcessGrid
-from tests.shared_helpers import with_item
+from tests.shared_helpers import configured_strategy, with_item
 
 NUM_NODES = 3
 BASE = (
@@ -64,12 +63,7 @@ def _run_config(extra: str = "", moving_average: bool = True) -> dict:
 
 
 def _setup(run_config: dict) -> tuple[LowPrecisionStrategy, dict[str, torch.Tensor], ArrayRecord]:
-    cfg = load_config(run_config)
-    model = build_configured_model(cfg)
-    template = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    strategy = build_strategy(cfg, specs_of(template), float_buffer_names(model))
-    initial = ArrayRecord({k: Array(v.numpy()) for k, v in template.items()})
-    return strategy, template, initial
+    return configured_strategy(run_config)
 
 
 # ----------------------------------------------------------------------------- record editing

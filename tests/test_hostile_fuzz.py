@@ -40,12 +40,13 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from hypothesis import event, given, note, target
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-import client_app.app as client_module
 from client_app.app import app as client_app
+from client_app.mod import LowPrecisionMod
 from client_app.state import (
     STATE_KEY,
     StateDirectoryError,
@@ -74,7 +75,7 @@ from server_app.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from strategies.low_precision import LowPrecisionStrategy
+from strategies import LowPrecisionStrategy, is_traffic_metric
 from strategies.update_guard import UpdateGuard
 from task.config import load_config
 from task.formats import downlink_format
@@ -855,7 +856,18 @@ def _aggregate_train(batch_replies) -> tuple[LowPrecisionStrategy, tuple]:
     return strategy, strategy.aggregate_train(1, replies)
 
 
+def _clients_part(record: MetricRecord | None) -> MetricRecord | None:
+    """A round's aggregated client metrics, without the strategy's traffic counts (which
+    differ with the rejected replies); None when no client metric is left."""
+    if record is None:
+        return None
+    clients = {k: v for k, v in record.items() if not is_traffic_metric(k)}
+    return MetricRecord(clients) if clients else None
+
+
 def _assert_same_records(got, expected) -> None:
+    if isinstance(got, MetricRecord) or isinstance(expected, MetricRecord):
+        got, expected = _clients_part(got), _clients_part(expected)
     if expected is None:
         assert got is None
         return
@@ -957,20 +969,20 @@ def _broadcast(records: dict, message_type: str) -> Message:
 
 @contextmanager
 def _measured_receive() -> Iterator[list[tuple[int, int]]]:
-    """Record (peak bytes, message bytes) of every ``_receive_model`` the ClientApp runs."""
+    """Record (peak bytes, message bytes) of every broadcast the ClientApp's mod decodes."""
     peaks: list[tuple[int, int]] = []
-    receive = client_module._receive_model
+    receive = LowPrecisionMod._decode
 
-    def recording(msg, cfg, model):
+    def recording(mod, msg):
         sent = _message_bytes(dict(msg.content.items()))
         tracemalloc.start()
         try:
-            return receive(msg, cfg, model)
+            return receive(mod, msg)
         finally:
             peaks.append((tracemalloc.get_traced_memory()[1], sent))
             tracemalloc.stop()
 
-    with mock.patch.object(client_module, "_receive_model", recording):
+    with mock.patch.object(LowPrecisionMod, "_decode", recording):
         yield peaks
 
 
@@ -1030,6 +1042,9 @@ def test_client_app_answers_a_fuzzed_broadcast_or_raises_a_value_error(message_t
     note(f"error: {error!r}; receive peaks (bytes, message bytes): {peaks}")
     event(f"{type(error).__name__} raised" if error is not None else "answered")
 
+    if reply is not None and reply.has_error():  # the mod refused it: an error reply
+        assert reply.error.code == ErrorCode.MOD_FAILED_PRECONDITION and reply.error.reason
+        error = ValueError(reply.error.reason)
     if error is not None:
         assert str(error), "a ClientApp error must say what is wrong"
     else:
@@ -1077,8 +1092,11 @@ def test_client_app_answers_a_fuzzed_train_config_or_raises_a_value_error(
     except ValueError as err:
         assert str(err), "a ClientApp error must say what is wrong"
     else:
-        assert isinstance(reply, Message) and not reply.has_error()
-        assert "metrics" in reply.content.metric_records
+        assert isinstance(reply, Message)
+        if reply.has_error():  # refused by the mod, with the reason
+            assert reply.error.code == ErrorCode.MOD_FAILED_PRECONDITION and reply.error.reason
+        else:
+            assert "metrics" in reply.content.metric_records
 
 
 # ----------------------------------------------------------------------------- 4. state directory

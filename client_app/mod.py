@@ -1,7 +1,7 @@
 """A Flower ClientApp mod: the app sees float32 models, the wire carries quantized ones.
 
 Use it like Flower's own mods (``ClientApp(mods=[LowPrecisionMod(...)])``); it pairs with the
-server's ``LowPrecisionStrategy``. Low-precision *training* stays the app's choice
+server's ``strategies.QuantizedMessages``. Low-precision *training* stays the app's choice
 (``quantization.LowPrecisionOptimizer``, ``quantization.attach_quantizers``).
 """
 

@@ -56,7 +56,7 @@ def model_records(content: RecordDict) -> tuple[ArrayRecord, ConfigRecord]:
     if arrays is None or formats is None:
         raise WireFormatError(
             f"the broadcast lacks the ArrayRecord {ARRAYS_KEY!r} or its ConfigRecord "
-            f"{ARRAYS_KEY + FORMAT_SUFFIX!r}: is the server a LowPrecisionStrategy?"
+            f"{ARRAYS_KEY + FORMAT_SUFFIX!r}: is the server strategy wrapped in QuantizedMessages?"
         )
     return arrays, formats
 

@@ -94,11 +94,13 @@ def start_simulation(
     flwr_home: Path | None = None,
     log_path: Path | None = None,
     extra_federation_config: str = DEFAULT_FEDERATION_CONFIG,
+    app_dir: Path | None = None,
 ) -> subprocess.Popen:
     """Start ``flwr run . --stream`` on a fresh private local SuperLink; returns the process.
 
     Its output goes to ``log_path`` (else this process's stdout). Stop it with
     ``stop_local_superlink`` (or ``kill_local_superlink``, the ``kill -9`` of a crash).
+    ``app_dir`` runs another Flower app than this project (e.g. ``examples/mnist_lowprec``).
     """
     flwr_home = (flwr_home or PROJECT_DIR / ".flwr_home").resolve()
     _write_connection_config(flwr_home)
@@ -110,7 +112,8 @@ def start_simulation(
             "(flwr run . leaves it running): stop it, e.g. pkill -f flower-superlink"
         )
     federation = f"num-supernodes={num_supernodes} {extra_federation_config}".strip()
-    command = ["flwr", "run", str(PROJECT_DIR), "--stream", "--federation-config", federation]
+    app = Path(app_dir).resolve() if app_dir else PROJECT_DIR
+    command = ["flwr", "run", str(app), "--stream", "--federation-config", federation]
     if run_config:
         command += ["--run-config", run_config]
     out = log_path.open("w") if log_path else None
@@ -139,15 +142,17 @@ def run_simulation(
     timeout: float | None = None,
     log_path: Path | None = None,
     extra_federation_config: str = DEFAULT_FEDERATION_CONFIG,
+    app_dir: Path | None = None,
 ) -> int:
     """``flwr run . --stream`` with ``num_supernodes`` simulated clients; returns an exit code.
 
     0 only when the run finished as ``finished:completed``: ``flwr run`` itself exits 0 even
-    when the ServerApp raised, so a run that failed returns 1 and says why.
+    when the ServerApp raised, so a run that failed returns 1 and says why. ``app_dir``: as
+    for ``start_simulation``.
     """
     flwr_home = (flwr_home or PROJECT_DIR / ".flwr_home").resolve()
     process = start_simulation(
-        run_config, num_supernodes, flwr_home, log_path, extra_federation_config
+        run_config, num_supernodes, flwr_home, log_path, extra_federation_config, app_dir
     )
     try:
         code = process.wait(timeout=timeout)

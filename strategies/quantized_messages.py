@@ -37,6 +37,8 @@ from .update_guard import RejectedUpdateError, UpdateGuard, model_norm
 from .wrapper import StrategyWrapper, find_wrapper
 
 Weighting = Literal["num-examples", "uniform"]
+#: The default wire format: 8-bit mantissas, one int8 exponent per 32 values (OCP MXINT8).
+DEFAULT_FORMAT = BlockFloat(8, layout="block")
 #: Largest accepted aggregation weight whatever the guard says: sums stay far from overflow.
 MAX_WEIGHT = 1e12
 _PHASE_SEED = {"train": 0, "evaluate": 1}
@@ -160,6 +162,10 @@ class QuantizedMessages(StrategyWrapper):
     norm relative to the model the client received, and clips outliers. A bad reply is
     logged and dropped, never aggregated. The wrapped strategy aggregates in float32.
 
+    ``template`` (``lowprec_fl.wire.specs_of(model.state_dict())``) pins the model replies must
+    match; without it, the first broadcast's arrays do. ``downlink`` defaults to ``uplink``,
+    ``uplink`` to 8-bit mantissas with one exponent per 32 values.
+
     Clients may train at different widths (``accepted_bits``): a reply may come at any
     accepted width, and a client whose last reply came at a width other than ``uplink``'s
     receives the broadcast at that width (until it has replied, at ``downlink``).
@@ -171,9 +177,9 @@ class QuantizedMessages(StrategyWrapper):
     def __init__(
         self,
         strategy: Strategy,
-        template: Mapping[str, TensorSpec],
-        uplink: BlockFloat,
-        downlink: BlockFloat,
+        template: Mapping[str, TensorSpec] | None = None,
+        uplink: BlockFloat = DEFAULT_FORMAT,
+        downlink: BlockFloat | None = None,
         accepted_bits: Iterable[int] = (),
         weighting: Weighting = "num-examples",
         float_buffers: Iterable[str] = (),
@@ -185,17 +191,15 @@ class QuantizedMessages(StrategyWrapper):
         super().__init__(strategy)
         if weighting not in ("num-examples", "uniform"):
             raise ValueError(f"weighting must be 'num-examples' or 'uniform', got {weighting!r}")
-        self.template = dict(template)
         self.uplink = uplink
-        self.downlink = downlink
+        self.downlink = uplink if downlink is None else downlink
         #: Accepted uplink formats by width: ``uplink`` and the same blocks at other widths.
         self.uplink_formats = {uplink.bits: uplink} | {
             int(b): dataclasses.replace(uplink, bits=int(b)) for b in accepted_bits
         }
         self.weighting = weighting
         self.float_buffers = frozenset(float_buffers)
-        self.max_update_bytes = max_update_bytes or payload_limit(self.template)
-        self.max_message_bytes = self.max_update_bytes + MESSAGE_SLACK_BYTES
+        self._max_update_bytes = max_update_bytes
         self.guard = guard or UpdateGuard()
         if max_failed_rounds < 0:
             raise ValueError(
@@ -215,7 +219,24 @@ class QuantizedMessages(StrategyWrapper):
         self.traffic: dict[int, RoundTraffic] = {}
         self.arrayrecord_key: str = getattr(strategy, "arrayrecord_key", "arrays")
         self.weight_key: str = getattr(strategy, "weighted_by_key", WEIGHT_KEY)
+        #: The model's tensors (names, shapes, dtypes) that replies must match; None until
+        #: given or taken from the first broadcast.
+        self.template: dict[str, TensorSpec] | None = None
+        if template is not None:
+            self._pin_template(template)
+
+    def _pin_template(self, template: Mapping[str, TensorSpec]) -> None:
+        """Fix the model replies must match, and the size bounds that follow from it."""
+        self.template = dict(template)
+        self.max_update_bytes = self._max_update_bytes or payload_limit(self.template)
+        self.max_message_bytes = self.max_update_bytes + MESSAGE_SLACK_BYTES
         self._fp32_arrays_bytes = _fp32_record_bytes(self.template, self.arrayrecord_key)
+
+    def _template_from(self, arrays: ArrayRecord) -> None:
+        if self.template is None:  # the first broadcast defines the model
+            self._pin_template(
+                {name: TensorSpec.of(torch.from_numpy(arrays[name].numpy())) for name in arrays}
+            )
 
     @property
     def format_key(self) -> str:
@@ -244,6 +265,7 @@ class QuantizedMessages(StrategyWrapper):
         The wrapped strategy is given the model the clients will receive, ``Q(arrays)``
         decoded, not the float32 ``arrays``: its reference is what the clients trained from.
         """
+        self._template_from(arrays)
         encoder = _Encoder(self, server_round, "train", arrays)
         reference = _record(encoder.reference(self.downlink).tensors)
         messages = list(self.strategy.configure_train(server_round, reference, config, grid))
@@ -260,6 +282,7 @@ class QuantizedMessages(StrategyWrapper):
         messages = list(self.strategy.configure_evaluate(server_round, arrays, config, grid))
         if not messages:  # e.g. fraction_evaluate=0: nothing to encode
             return messages
+        self._template_from(arrays)
         encoder = _Encoder(self, server_round, "evaluate", arrays)
         return self._replace_content(server_round, "evaluate", messages, encoder)
 
@@ -412,6 +435,8 @@ class QuantizedMessages(StrategyWrapper):
                 traffic.failed.append(f"node {node}: {reply.error.reason}")
                 continue
             try:
+                if self.template is None:
+                    raise RejectedUpdateError("no model was broadcast yet: nothing to match")
                 size = serialized_size(reply.content)
                 fp32 = self._fp32_equivalent(reply.content, with_arrays)
                 traffic.count("uplink", self._reply_bits(reply, with_arrays), size, fp32)

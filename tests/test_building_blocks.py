@@ -334,3 +334,26 @@ def test_decoded_widths_are_what_each_client_trained_from():
         fmt = strategy.messages._sent[message.metadata.dst_node_id]
         for name, tensor in sent.items():
             assert torch.equal(tensor, references[fmt].tensors[name]), name
+
+
+def test_without_a_template_the_first_broadcast_pins_the_model():
+    fmt = BlockFloat(8, layout="block")
+    messages = QuantizedMessages(FedAvg(fraction_train=1.0, min_available_nodes=1), uplink=fmt)
+    assert messages.downlink == fmt and messages.template is None
+    grid = InProcessGrid(client_app, 2, RUN_CONFIG)
+    early = grid.send_and_receive(
+        list(
+            QuantizedMessages(FedAvg(), uplink=fmt).configure_train(
+                1, _setup()[1], ConfigRecord(), grid
+            )
+        )
+    )
+    arrays, metrics = messages.aggregate_train(1, early)  # nothing broadcast by this wrapper
+    assert arrays is None and metrics["rejected-replies"] == 2
+    assert "no model was broadcast yet" in messages.traffic[1].rejected[0]
+
+    _, initial = _setup()
+    sent = list(messages.configure_train(2, initial, ConfigRecord(), grid))
+    assert set(messages.template) == set(initial.keys())
+    arrays, metrics = messages.aggregate_train(2, grid.send_and_receive(sent))
+    assert arrays is not None and metrics["rejected-replies"] == 0

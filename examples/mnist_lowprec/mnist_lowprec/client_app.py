@@ -1,4 +1,4 @@
-"""mnist-lowprec: a Flower ClientApp whose messages travel in block floating point."""
+"""mnist-lowprec: A Flower / PyTorch app."""
 
 from __future__ import annotations
 
@@ -8,23 +8,15 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
 from client_app.mod import LowPrecisionMod
-from mnist_lowprec.task import Net, load_data
+from mnist_lowprec.task import FMT, Net, load_data
 from mnist_lowprec.task import test as test_fn
 from mnist_lowprec.task import train as train_fn
-from quantization import BlockFloat
-
-
-def lowprec_mod(msg: Message, context: Context, call_next):
-    """Decode the quantized broadcast for the app, encode its reply (``bits`` of the run)."""
-    fmt = BlockFloat(context.run_config["bits"], layout="block")
-    return LowPrecisionMod(uplink=fmt, downlink=fmt)(msg, context, call_next)
-
 
 # Flower ClientApp
-app = ClientApp(mods=[lowprec_mod])
-# The same app with client-side clipping for central DP (server: server_app.dp_app). The
-# clipping mod only for training, inside ours: it clips the float32 model the app returns.
-dp_app = ClientApp(mods=[lowprec_mod])
+app = ClientApp(mods=[LowPrecisionMod(uplink=FMT, downlink=FMT)])
+# The same app with client-side clipping for central DP (server: server_app.dp_app), for
+# training only: evaluation messages carry no clipping norm.
+dp_app = ClientApp(mods=[LowPrecisionMod(uplink=FMT, downlink=FMT)])
 
 
 @dp_app.train(mods=[fixedclipping_mod])
@@ -44,10 +36,10 @@ def train(msg: Message, context: Context) -> Message:
         msg.content["config"]["lr"],
         device,
         context.run_config["max-steps"],
-        BlockFloat(context.run_config["bits"], layout="block"),
     )
+    model_record = ArrayRecord(model.state_dict())
     metrics = {"train_loss": train_loss, "num-examples": len(trainloader.dataset)}
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})
+    content = RecordDict({"arrays": model_record, "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
 
@@ -62,6 +54,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     num_partitions = context.node_config["num-partitions"]
     _, testloader = load_data(partition_id, num_partitions, context.run_config["batch-size"])
     eval_loss, eval_acc = test_fn(model, testloader, device)
-    metrics = {"eval_loss": eval_loss, "eval_acc": eval_acc, "num-examples": len(testloader.dataset)}
+    metrics = {
+        "eval_loss": eval_loss,
+        "eval_acc": eval_acc,
+        "num-examples": len(testloader.dataset),
+    }
     content = RecordDict({"metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)

@@ -1,4 +1,4 @@
-"""mnist-lowprec: the model, the data and the training loop (plain PyTorch)."""
+"""mnist-lowprec: A Flower / PyTorch app."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
-from quantization import FP32, BlockFloat, LowPrecisionOptimizer, attach_quantizers
+from quantization import BlockFloat, LowPrecisionOptimizer, attach_quantizers
+
+#: 8-bit block floating point (one shared exponent per 32 values): messages and training.
+FMT = BlockFloat(8, layout="block")
 
 #: Where torchvision's MNIST lives (``<DATA_ROOT>/MNIST/raw``); downloaded there when online.
 DATA_ROOT = os.environ.get("DATA_ROOT", "~/.cache/lowprec-fl/data")
@@ -37,7 +40,9 @@ class Net(nn.Module):
 @functools.cache
 def _mnist(train: bool) -> datasets.MNIST:
     root = os.path.abspath(os.path.expanduser(DATA_ROOT))
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))])
+    transform = transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))]
+    )
     try:
         return datasets.MNIST(root, train=train, download=True, transform=transform)
     except (RuntimeError, OSError) as err:
@@ -57,13 +62,13 @@ def load_data(partition_id: int, num_partitions: int, batch_size: int):
     return trainloader, DataLoader(test_part, batch_size=256)
 
 
-def train(net, trainloader, epochs, lr, device, max_steps=0, fmt: BlockFloat = FP32):
+def train(net, trainloader, epochs, lr, device, max_steps=0):
     """Train ``net`` with SGD (``max_steps`` > 0: at most that many steps); the mean loss."""
     net.to(device)
     criterion = nn.CrossEntropyLoss().to(device)
     optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
-    optimizer = LowPrecisionOptimizer(optimizer, weight=fmt, grad=fmt, state=fmt)
-    attach_quantizers(net, activation=fmt, error=fmt)
+    optimizer = LowPrecisionOptimizer(optimizer, weight=FMT, grad=FMT, state=FMT)
+    attach_quantizers(net, activation=FMT, error=FMT)
     net.train()
     running_loss, steps = 0.0, 0
     for _ in range(epochs):

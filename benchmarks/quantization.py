@@ -13,16 +13,21 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import torch
+from flwr.app import RecordDict
 from torch import nn
 
 from benchmarks.report import RESULTS_DIR, Figure, write_results
+from client_app.state import save_optimizer_state
 from federated_data import load_image_data
 from models import ConvNet, resnet18_cifar
 from quantization import (
+    FP32,
     BlockFloat,
+    LowBitState,
     LowPrecisionOptimizer,
     QuantizedTensor,
     TrainingPrecision,
@@ -258,6 +263,66 @@ def bench_encoded_size() -> list[Figure]:
     return figures
 
 
+def bench_optimizer_state() -> list[Figure]:
+    """Adam's state of the ConvNet after a step, stored as the client stores it, and the step
+    time with each state format (interleaved, median of per-round ratios to the BFP state).
+
+    Sizes are the bytes ``client_app.state.save_optimizer_state`` writes (codes, scales and
+    array headers) against the same state in float32.
+    """
+    x, y = training_batch()
+    weights = precision_at(8, "block")
+    states = {
+        "fp32": FP32,
+        "bfp8": weights.state,
+        "lowbit8": LowBitState.at(8),
+        "lowbit4": LowBitState.at(4),
+    }
+    precisions = {name: replace(weights, state=state) for name, state in states.items()}
+    sizes = {}
+    for name, precision in precisions.items():
+        model = convnet()
+        opt = LowPrecisionOptimizer.from_precision(
+            torch.optim.Adam(model.parameters(), lr=1e-3), precision, torch.Generator()
+        )
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        sizes[name] = save_optimizer_state(RecordDict(), opt)
+    fns = {name: lowp_step_fn(x, y, p) for name, p in precisions.items() if name != "fp32"}
+    for fn in fns.values():
+        time_round(fn, STEP_WARMUP, CPU)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    for r in range(STEP_ROUNDS):
+        if r >= STEP_MIN_ROUNDS and time.perf_counter() - start > STEP_BUDGET_S:
+            break
+        for name in list(fns) if r % 2 == 0 else list(reversed(list(fns))):
+            samples[name].append(time_round(fns[name], STEPS_PER_ROUND, CPU))
+
+    def step_ratio(name: str) -> float:
+        pairs = zip(samples[name], samples["bfp8"], strict=True)
+        return statistics.median(t / b for t, b in pairs)
+
+    return [
+        Figure("optimizer_state_bytes_fp32", float(sizes["fp32"]), "B"),
+        Figure("optimizer_state_ratio_bfp8_vs_fp32", sizes["bfp8"] / sizes["fp32"], "x"),
+        Figure(
+            "optimizer_state_ratio_lowbit8_vs_fp32",
+            sizes["lowbit8"] / sizes["fp32"],
+            "x",
+            "<= 0.27",
+        ),
+        Figure(
+            "optimizer_state_ratio_lowbit4_vs_fp32",
+            sizes["lowbit4"] / sizes["fp32"],
+            "x",
+            "<= 0.145",
+        ),
+        Figure("train_step_ratio_lowbit8_vs_bfp8_state", step_ratio("lowbit8"), "x", "<= 1.0"),
+        Figure("train_step_ratio_lowbit4_vs_bfp8_state", step_ratio("lowbit4"), "x", "<= 1.0"),
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run every benchmark (only the training steps on a GPU), print the figures, save them."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -270,6 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         lambda: bench_train_step(single_thread=True),
         bench_codec_throughput,
         bench_encoded_size,
+        bench_optimizer_state,
     )
     path = RESULTS_PATH
     if device.type == "cuda":

@@ -10,6 +10,7 @@ are read with ``allow_pickle=False`` and formats are JSON.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -24,8 +25,11 @@ from flwr.common.serde import recorddict_to_proto
 
 from quantization.codec import QuantizedTensor, encode
 from quantization.format import FULL_PRECISION_BITS, BlockFloat
+from quantization.state_codec import QuantizedState, StateFormat
 
 EXPONENT_SUFFIX = "::exponents"
+#: Suffix of the array holding a low-bit optimizer-state tensor's float32 scales.
+SCALES_SUFFIX = "::scales"
 FORMAT_SUFFIX = "-format"
 #: Most dimensions, and largest dimension, of an accepted array (models are far smaller).
 MAX_DIMS, MAX_DIM = 8, 1 << 31
@@ -75,7 +79,7 @@ def payload_limit(specs: Mapping[str, TensorSpec]) -> int:
 
 
 def encode_tensors(
-    tensors: Mapping[str, torch.Tensor | QuantizedTensor],
+    tensors: Mapping[str, torch.Tensor | QuantizedTensor | QuantizedState],
     fmt: BlockFloat,
     generator: torch.Generator | None = None,
     keep_float: Container[str] = (),
@@ -83,18 +87,29 @@ def encode_tensors(
     """Encode a state dict: floats in ``fmt`` (except names in ``keep_float``), others raw.
 
     ``QuantizedTensor`` values travel as they are; floats go as float32 when ``fmt`` is 32-bit.
+    ``QuantizedState`` values (low-bit optimizer state, the client's own files only) travel
+    as their codes and a ``SCALES_SUFFIX`` array.
     """
     arrays: dict[str, Array] = {}
     formats: dict[str, str] = {}
     for name, value in tensors.items():
-        if EXPONENT_SUFFIX in name:
-            raise ValueError(f"tensor name {name!r} may not contain {EXPONENT_SUFFIX!r}")
+        if EXPONENT_SUFFIX in name or SCALES_SUFFIX in name:
+            raise ValueError(
+                f"tensor name {name!r} may not contain {EXPONENT_SUFFIX!r} or {SCALES_SUFFIX!r}"
+            )
         if isinstance(value, torch.Tensor) and value.is_floating_point():
             if fmt.enabled and name not in keep_float:
                 value = encode(value, fmt, generator)
             else:
                 value = value.detach().to(torch.float32)
-        if isinstance(value, QuantizedTensor):
+        if isinstance(value, QuantizedState):
+            codes, scales = value.to_payload()
+            arrays[name] = Array(codes)
+            arrays[name + SCALES_SUFFIX] = Array(scales)
+            formats[name] = json.dumps(
+                {"shape": list(value.shape), "state": dataclasses.asdict(value.fmt)}
+            )
+        elif isinstance(value, QuantizedTensor):
             mantissas, exponents = value.to_payload()
             arrays[name] = Array(mantissas)
             arrays[name + EXPONENT_SUFFIX] = Array(exponents)
@@ -186,15 +201,33 @@ def read_tensors(
     described = _parse_formats(formats)
     _check_array_keys(arrays, described)
     return {
-        name: _read_one(name, arrays, description, None, None, (), None)
+        name: _read_state(name, arrays, description)
+        if "state" in description
+        else _read_one(name, arrays, description, None, None, (), None)
         for name, description in described.items()
     }
 
 
+def _read_state(name: str, arrays: ArrayRecord, description: dict) -> QuantizedState:
+    """A low-bit optimizer-state tensor: its format, codes and scales, checked."""
+    try:
+        fields = description["state"]
+        if not isinstance(fields, dict):
+            raise TypeError("'state' must be an object")
+        fmt = StateFormat(**fields)
+        codes = _numpy(name, arrays[name])
+        scales = _numpy(name + SCALES_SUFFIX, arrays[name + SCALES_SUFFIX])
+        return QuantizedState.from_payload(codes, scales, description["shape"], fmt)
+    except (ValueError, TypeError) as err:
+        raise WireFormatError(f"optimizer state {name!r} is invalid: {err}") from None
+
+
 def _check_array_keys(arrays: ArrayRecord, described: Mapping[str, dict]) -> None:
-    """Arrays must be exactly the described tensors plus the exponents of quantized ones."""
+    """Arrays must be exactly the described tensors plus the exponents of quantized ones
+    (and the scales of low-bit state)."""
     exponent_keys = {n + EXPONENT_SUFFIX for n, d in described.items() if "bits" in d}
-    wanted_keys = set(described) | exponent_keys
+    scale_keys = {n + SCALES_SUFFIX for n, d in described.items() if "state" in d}
+    wanted_keys = set(described) | exponent_keys | scale_keys
     if set(arrays.keys()) != wanted_keys:
         missing = sorted(wanted_keys - set(arrays.keys()))
         extra = sorted(set(arrays.keys()) - wanted_keys)
@@ -288,6 +321,8 @@ def _read_one(
     expected_fmt: BlockFloat | None,
 ) -> torch.Tensor | QuantizedTensor:
     shape = description["shape"]
+    if "state" in description:
+        raise WireFormatError(f"{name!r} is optimizer state, not a model tensor")
     if spec is not None and shape != spec.shape:
         raise WireFormatError(f"{name!r} has shape {shape}, expected {spec.shape}")
     if "bits" in description:

@@ -11,13 +11,17 @@ from .format import FP32, BlockFloat
 from .optimizer import LowPrecisionOptimizer
 from .precision import TrainingPrecision
 from .quantizer import block_exponents, quantize, quantize_, quantize_codes, torch_backend
+from .state_codec import LowBitState, QuantizedState, StateFormat, quantize_state
 
 __all__ = [
     "FP32",
     "BlockFloat",
+    "LowBitState",
     "LowPrecisionOptimizer",
+    "QuantizedState",
     "QuantizedTensor",
     "Quantizer",
+    "StateFormat",
     "TrainingPrecision",
     "attach_quantizers",
     "block_exponents",
@@ -27,5 +31,6 @@ __all__ = [
     "quantize_",
     "quantize_codes",
     "quantize_flow",
+    "quantize_state",
     "torch_backend",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -11,6 +12,7 @@ from .codec import QuantizedTensor, encode
 from .format import BlockFloat
 from .precision import TrainingPrecision
 from .quantizer import quantize_
+from .state_codec import LowBitState, QuantizedState, quantize_state, quantize_state_
 
 #: Optimizer state that divides the update (Adam/AdamW, RMSprop, Adagrad): kept as sqrt, rounded up.
 SECOND_MOMENT_STATE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
@@ -33,7 +35,7 @@ class LowPrecisionOptimizer:
         optimizer: torch.optim.Optimizer,
         weight: BlockFloat,
         grad: BlockFloat,
-        state: BlockFloat,
+        state: BlockFloat | LowBitState,
         generator: torch.Generator | None = None,
     ) -> None:
         self.optimizer = optimizer
@@ -88,21 +90,36 @@ class LowPrecisionOptimizer:
         return loss
 
     def _quantize_state(self, name: str, value: torch.Tensor) -> None:
-        if name in SECOND_MOMENT_STATE:
+        if isinstance(self.state_fmt, LowBitState):
+            quantize_state_(value, self._low_bit_format(name), self.generator)
+        elif name in SECOND_MOMENT_STATE:
             root = quantize_(value.sqrt(), _with_rounding(self.state_fmt, "up"))
             value.copy_(root.square_())
         else:
             quantize_(value, self.state_fmt, self.generator)
 
-    def export_state(self) -> dict[str, QuantizedTensor | torch.Tensor]:
-        """Optimizer state keyed ``"<param index>.<name>"``: quantized tensors in BFP codes."""
-        exported: dict[str, QuantizedTensor | torch.Tensor] = {}
+    def _low_bit_format(self, name: str):
+        """The state format of a state tensor: second moments get theirs."""
+        state = self.state_fmt
+        return state.second if name in SECOND_MOMENT_STATE else state.first
+
+    def export_state(self) -> dict[str, QuantizedTensor | QuantizedState | torch.Tensor]:
+        """Optimizer state keyed ``"<param index>.<name>"``: quantized tensors as codes.
+
+        BFP state as ``QuantizedTensor`` (second moments as their square root), low-bit state
+        as ``QuantizedState``; its values are already on their grid, so encoding is exact.
+        """
+        exported: dict[str, QuantizedTensor | QuantizedState | torch.Tensor] = {}
         for index, p in enumerate(self._params()):
             for name, value in self.optimizer.state.get(p, {}).items():
                 if not isinstance(value, torch.Tensor):
                     value = torch.tensor(value)
                 key = f"{index}.{name}"
-                if self.state_fmt.enabled and _is_quantizable_state(name, value):
+                if isinstance(self.state_fmt, LowBitState) and _is_quantizable_state(name, value):
+                    # on the grid already: nearest rounding finds the same codes, exactly
+                    fmt = dataclasses.replace(self._low_bit_format(name), rounding="nearest")
+                    exported[key] = quantize_state(value, fmt)
+                elif self.state_fmt.enabled and _is_quantizable_state(name, value):
                     stored = value.sqrt() if name in SECOND_MOMENT_STATE else value
                     exported[key] = encode(stored, _with_rounding(self.state_fmt, "nearest"))
                 else:
@@ -126,7 +143,9 @@ class LowPrecisionOptimizer:
                     f"but the optimizer has {len(params)}"
                 )
             tensor = value
-            if isinstance(value, QuantizedTensor):
+            if isinstance(value, QuantizedState):
+                tensor = value.decode()
+            elif isinstance(value, QuantizedTensor):
                 tensor = value.decode()
                 if name in SECOND_MOMENT_STATE:
                     tensor = tensor.square()

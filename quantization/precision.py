@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .format import FP32, BlockFloat
+from .state_codec import LowBitState
 
 
 @dataclass(frozen=True)
@@ -15,7 +16,8 @@ class TrainingPrecision:
     grad: BlockFloat = field(default_factory=lambda: BlockFloat(8, layout="auto"))
     activation: BlockFloat = field(default_factory=lambda: BlockFloat(8, layout="tensor"))
     error: BlockFloat = field(default_factory=lambda: BlockFloat(8, layout="tensor"))
-    state: BlockFloat = field(default_factory=lambda: BlockFloat(8, layout="auto"))
+    #: Optimizer state: BFP on the weight grid, or low-bit code maps (``LowBitState``).
+    state: BlockFloat | LowBitState = field(default_factory=lambda: BlockFloat(8, layout="auto"))
 
     @classmethod
     def uniform(cls, bits: int, rounding: str = "stochastic") -> TrainingPrecision:

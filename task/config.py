@@ -181,6 +181,12 @@ def validate_config(cfg: DictConfig) -> None:
     q = cfg.quantization
     require(q.weight_layout in LAYOUTS, "quantization.weight_layout", f"use one of {LAYOUTS}")
     require(q.wire_layout in LAYOUTS, "quantization.wire_layout", f"use one of {LAYOUTS}")
+    require(q.state_format in ("lowbit", "bfp"), "quantization.state_format", "use lowbit or bfp")
+    require(
+        q.state_format != "lowbit" or int(q.state_bits) in (4, 8, 32),
+        "quantization.state_bits",
+        "lowbit state has 4 or 8 bits (32 = float32); use state_format=bfp for other widths",
+    )
     for key in BIT_KEYS:
         try:
             BlockFloat(int(q[key]), q.wire_layout, q.rounding, int(q.block_size))

@@ -8,7 +8,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lowprec_fl.protocol import NODE_BITS_KEY
-from quantization import FP32, BlockFloat, TrainingPrecision
+from quantization import FP32, BlockFloat, LowBitState, TrainingPrecision
 
 #: The quantization keys a client at another width sets to it: training and upload.
 CLIENT_WIDTH_KEYS = ("weight_bits", "grad_bits", "activation_bits", "error_bits", "uplink_bits")
@@ -27,8 +27,17 @@ def training_precision(q: DictConfig) -> TrainingPrecision:
         grad=_fmt(q.grad_bits, q.weight_layout, q),
         activation=_fmt(q.activation_bits, "tensor", q),
         error=_fmt(q.error_bits, "tensor", q),
-        state=_fmt(q.state_bits, q.weight_layout, q),
+        state=_state(q),
     )
+
+
+def _state(q: DictConfig) -> BlockFloat | LowBitState:
+    """The optimizer state's format: ``state_format`` ``lowbit`` (code maps, 8 or 4 bits) or
+    ``bfp`` (the weight grid); 32 bits is float32 either way."""
+    bits = int(q.state_bits)
+    if bits != FP32.bits and q.state_format == "lowbit":
+        return LowBitState.at(bits)
+    return _fmt(bits, q.weight_layout, q)
 
 
 def uplink_format(q: DictConfig) -> BlockFloat:

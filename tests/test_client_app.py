@@ -23,6 +23,7 @@ from lowprec_fl.wire import (
 )
 from quantization import BlockFloat, quantize
 from quantization.codec import QuantizedTensor
+from quantization.state_codec import QuantizedState
 from task.config import ConfigError, load_config, resolve_device, run_config_overrides
 from task.data import client_data
 from task.formats import downlink_format
@@ -225,9 +226,15 @@ def _steps(state: RecordDict) -> set[float]:
     return {float(v) for k, v in tensors.items() if k.endswith(".step")}
 
 
-@pytest.mark.parametrize("state_bits", [8, 32])
+@pytest.mark.parametrize("state_bits", [8, 32, "lowbit-8", "lowbit-4"])
 def test_optimizer_state_is_kept_between_rounds(state_bits):
-    overrides = f"train.keep_optimizer_state=true quantization.state_bits={state_bits}"
+    state_format = "bfp"
+    if isinstance(state_bits, str):
+        state_format, state_bits = state_bits.split("-")[0], int(state_bits.split("-")[1])
+    overrides = (
+        f"train.keep_optimizer_state=true quantization.state_bits={state_bits} "
+        f"quantization.state_format={state_format}"
+    )
     run_config = _run_config(overrides)
     context = _context(run_config)
 
@@ -236,7 +243,11 @@ def test_optimizer_state_is_kept_between_rounds(state_bits):
     assert _steps(context.state) == {2.0}
     stored = read_tensors(context.state[STATE_KEY], context.state[STATE_KEY + FORMAT_SUFFIX])
     moments = [v for k, v in stored.items() if k.endswith(("exp_avg", "exp_avg_sq"))]
-    if state_bits == 8:  # kept as BFP codes
+    if state_format == "lowbit":  # kept as code-map indices and scales
+        assert moments and all(
+            isinstance(v, QuantizedState) and v.fmt.bits == state_bits for v in moments
+        )
+    elif state_bits == 8:  # kept as BFP codes
         assert moments and all(isinstance(v, QuantizedTensor) and v.fmt.bits == 8 for v in moments)
     else:  # kept as float32 tensors (the default)
         assert moments and all(v.dtype == torch.float32 for v in moments)

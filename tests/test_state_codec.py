@@ -1,0 +1,282 @@
+"""Low-bit optimizer state: code maps, exact round trips, never-zero second moments, training."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import RecordDict
+from torch import nn
+
+from client_app.state import load_optimizer_state, save_optimizer_state
+from lowprec_fl.wire import WireFormatError, encode_tensors, read_tensors
+from quantization import FP32, BlockFloat, LowBitState, LowPrecisionOptimizer, quantize_state
+from quantization.state_codec import (
+    QuantizedState,
+    StateFormat,
+    code_map,
+    first_moment_format,
+    num_scales,
+    quantize_state_,
+    second_moment_format,
+)
+
+FORMATS = [
+    first_moment_format(8),
+    first_moment_format(4),
+    second_moment_format(8),
+    second_moment_format(4),
+]
+SHAPES = [(64, 3, 3, 3), (10, 257), (300,), (1,), (7, 1)]
+
+
+def _sample(shape, fmt: StateFormat, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.logspace(-6, 0, int(np.prod(shape))).reshape(shape)
+    return x.abs() ** 2 if not fmt.signed else x
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("kind, signed", [("dynamic", True), ("dynamic", False), ("linear", False)])
+def test_code_maps_have_2_to_the_bits_sorted_distinct_values_in_range(bits, kind, signed):
+    values = code_map(bits, kind, signed)
+    assert values.numel() == 2**bits and torch.all(values[1:] > values[:-1])
+    assert values.max() == 1.0 and values.min() >= (-1.0 if signed else 0.0)
+    assert (0.0 in values.tolist()) == signed  # unsigned maps have no zero
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.describe())
+@pytest.mark.parametrize("shape", SHAPES)
+def test_encode_decode_is_exact_on_the_grid_and_through_the_payload(fmt, shape):
+    x = _sample(shape, fmt)
+    on_grid = quantize_state(x, fmt).decode()
+    again = quantize_state(on_grid, fmt)
+    assert torch.equal(again.decode(), on_grid)  # a value on its grid encodes losslessly
+    codes, scales = again.to_payload()
+    back = QuantizedState.from_payload(codes, scales, shape, fmt)
+    assert torch.equal(back.decode(), on_grid)
+    assert back.nbytes() == codes.nbytes + scales.nbytes
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.describe())
+def test_nearest_rounding_picks_the_closest_code(fmt):
+    fmt = dataclasses.replace(fmt, rounding="nearest")
+    x = _sample((40, 50), fmt, seed=3)
+    q = quantize_state(x, fmt)
+    scale = q.decode().abs().reshape(-1)  # compare in normalized units per element
+    decoded = q.decode().reshape(-1)
+    values = fmt.values
+    from quantization.state_codec import _expand_scales, _scales
+
+    s = _expand_scales(_scales(x, fmt), tuple(x.shape), fmt)
+    normalized = (x.reshape(-1) / torch.where(s > 0, s, 1)).clamp(-1, 1)
+    best = (normalized[:, None] - values[None, :]).abs().min(dim=1).values
+    chosen = (normalized - decoded / torch.where(s > 0, s, 1)).abs()
+    assert torch.all(chosen <= best + 1e-6), float((chosen - best).max())
+    assert scale.numel() == x.numel()
+
+
+@pytest.mark.parametrize("fmt", [second_moment_format(8), second_moment_format(4)])
+def test_a_nonzero_second_moment_never_decodes_to_zero(fmt):
+    # tiny entries next to huge ones in the same block, row and column
+    v = torch.full((16, 300), 1e-30)
+    v[0, 0] = 1e3
+    v[5, 7] = 0.0
+    decoded = quantize_state(v, fmt).decode()
+    nonzero = v > 0
+    assert torch.all(decoded[nonzero] > 0)
+    assert torch.isfinite(decoded).all()
+
+
+def test_stochastic_rounding_is_unbiased_within_the_map():
+    fmt = first_moment_format(4)  # the default first moment rounds stochastically
+    assert fmt.rounding == "stochastic"
+    x = torch.linspace(-0.9, 0.9, 128)
+    x[0] = -1.0  # pins the block's scale to 1
+    mean = torch.zeros_like(x)
+    trials = 4000
+    g = torch.Generator().manual_seed(0)
+    for _ in range(trials):
+        mean += quantize_state(x, fmt, g).decode()
+    mean /= trials
+    spacing = torch.diff(fmt.values).max()
+    # the mean of n draws has sd <= spacing / (2 sqrt(n)); 5 sd bound
+    assert float((mean - x).abs().max()) < 5 * spacing / (2 * trials**0.5)
+
+
+def test_nearest_rounding_error_is_at_most_half_a_step_and_unbiased_on_average():
+    fmt = dataclasses.replace(first_moment_format(8), rounding="nearest")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256 * 400, generator=g)
+    q = quantize_state(x, fmt)
+    error = q.decode() - x
+    blocks = x.reshape(-1, 256).abs().amax(dim=1).repeat_interleave(256)
+    step = torch.diff(fmt.values).max()
+    assert float((error.abs() / blocks).max()) <= step / 2 + 1e-6
+    # symmetric map, symmetric data: the mean error is far below a step
+    assert abs(float(error.mean())) < 1e-3 * float(blocks.mean())
+
+
+def test_state_sizes_per_value():
+    numel = 128 * 1152  # a 128 -> 128 3x3 conv
+    for bits, first_bound, second_bound in ((8, 0.27, 0.27), (4, 0.145, 0.145)):
+        first = (numel + 4 * num_scales((128, 128, 3, 3), first_moment_format(bits))) / (4 * numel)
+        packed = numel * bits // 8
+        first = (packed + 4 * num_scales((128, 128, 3, 3), first_moment_format(bits))) / (4 * numel)
+        second = (packed + 4 * num_scales((128, 128, 3, 3), second_moment_format(bits))) / (
+            4 * numel
+        )
+        assert first <= first_bound and second <= second_bound, (bits, first, second)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"bits": 6}, "4 or 8 bits"),
+        ({"bits": 8.0}, "bits must be an int"),
+        ({"code_map": "log"}, "code_map"),
+        ({"code_map": "linear", "signed": True}, "linear map is unsigned"),
+        ({"normalization": "rank2"}, "normalization"),
+        ({"block_size": 0}, "block_size"),
+    ],
+)
+def test_bad_formats_say_what_is_wrong(kwargs, error):
+    with pytest.raises((ValueError, TypeError), match=error):
+        StateFormat(**kwargs)
+
+
+def test_an_unsigned_format_refuses_negative_values():
+    with pytest.raises(ValueError, match="nonnegative"):
+        quantize_state(torch.tensor([-1.0, 2.0]), second_moment_format(8))
+
+
+# ----------------------------------------------------------------------------- in the optimizer
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 64, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 6 * 6, 3))
+
+
+def _steps(optimizer: LowPrecisionOptimizer, model: nn.Module, n: int, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        x = torch.randn(16, 1, 8, 8, generator=g)
+        y = torch.randint(0, 3, (16,), generator=g)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_low_bit_state_stays_on_its_grid_and_round_trips_through_the_state_record(bits, name):
+    fmt = BlockFloat(8, layout="block")
+    model = _model()
+    make = {
+        "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+        "adamw": lambda p: torch.optim.AdamW(p, lr=1e-2),
+        "sgd": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9),
+    }[name]
+    optimizer = LowPrecisionOptimizer(make(model.parameters()), fmt, fmt, LowBitState.at(bits))
+    _steps(optimizer, model, 5)
+    for p in model.parameters():
+        for key, value in optimizer.optimizer.state[p].items():
+            if key == "step":
+                continue
+            fmt_of = (
+                LowBitState.at(bits).second if key == "exp_avg_sq" else LowBitState.at(bits).first
+            )
+            assert torch.equal(value, quantize_state(value, fmt_of).decode()), key
+
+    record = RecordDict()
+    stored_bytes = save_optimizer_state(record, optimizer)
+    plain_model = _model()
+    plain = LowPrecisionOptimizer(make(plain_model.parameters()), fmt, fmt, FP32)
+    _steps(plain, plain_model, 1)
+    fp32_bytes = save_optimizer_state(RecordDict(), plain)  # the same state in float32
+    assert stored_bytes < (0.3 if bits == 8 else 0.2) * fp32_bytes  # codes, not floats
+    twin = _model(seed=1)
+    twin.load_state_dict(model.state_dict())
+    restored = LowPrecisionOptimizer(make(twin.parameters()), fmt, fmt, LowBitState.at(bits))
+    assert load_optimizer_state(record, restored)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        for key, value in optimizer.optimizer.state[p].items():
+            assert torch.equal(value, restored.optimizer.state[q][key]), key
+    # and the next steps are bit-identical (resume), with the same rounding keys
+    optimizer.generator = torch.Generator().manual_seed(5)
+    restored.generator = torch.Generator().manual_seed(5)
+    _steps(optimizer, model, 3, seed=9)
+    _steps(restored, twin, 3, seed=9)
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_state_entries_are_not_accepted_as_model_tensors_on_the_wire():
+    arrays, formats = encode_tensors(
+        {"w": quantize_state(torch.randn(300), first_moment_format(8))}, FP32
+    )
+    assert isinstance(read_tensors(arrays, formats)["w"], QuantizedState)  # own state files
+    from lowprec_fl.wire import decode_tensors
+
+    with pytest.raises(WireFormatError, match="optimizer state, not a model tensor"):
+        decode_tensors(arrays, formats)
+
+
+def test_a_damaged_state_entry_is_refused_naming_it():
+    arrays, formats = encode_tensors(
+        {"w": quantize_state(torch.randn(300), first_moment_format(4))}, FP32
+    )
+    scales = dict(arrays.items())
+    from flwr.app import Array, ArrayRecord
+
+    scales["w::scales"] = Array(np.full(3, np.inf, np.float32))
+    with pytest.raises(WireFormatError, match="optimizer state 'w' is invalid"):
+        read_tensors(ArrayRecord(scales), formats)
+
+
+def test_adam_with_4_bit_state_learns():
+    fmt = BlockFloat(8, layout="block")
+    model = _model()
+    optimizer = LowPrecisionOptimizer(
+        torch.optim.Adam(model.parameters(), lr=1e-2), fmt, fmt, LowBitState.at(4)
+    )
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 8, 8, generator=g)
+    y = (x.mean(dim=(1, 2, 3)) > 0).long() + (x[:, 0, 0, 0] > 1).long()
+    losses = []
+    for _ in range(60):
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+def test_quantize_state_in_place_matches_the_codes():
+    x = torch.randn(10, 300)
+    fmt = first_moment_format(4)
+    expected = quantize_state(x, fmt, torch.Generator().manual_seed(3)).decode()
+    assert torch.equal(quantize_state_(x, fmt, torch.Generator().manual_seed(3)), expected)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.describe())
+def test_the_lookup_table_finds_the_same_codes_as_a_binary_search(fmt):
+    from quantization.state_codec import _lower_index
+
+    values = fmt.values
+    low = -1.0 if fmt.signed else 0.0
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat(
+        [
+            torch.rand(50_000, generator=g) * (1 - low) + low,
+            values,  # every code, and the floats right next to each
+            torch.nextafter(values, torch.tensor(2.0)),
+            torch.nextafter(values, torch.tensor(-2.0)),
+            torch.logspace(-30, 0, 5000) * (-1 if fmt.signed else 1),
+            torch.zeros(1),
+        ]
+    ).clamp(low, 1.0)
+    expected = (torch.searchsorted(values, x, right=True) - 1).clamp(min=0)
+    assert torch.equal(_lower_index(fmt, x), expected)

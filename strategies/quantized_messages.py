@@ -354,14 +354,14 @@ class QuantizedMessages(StrategyWrapper):
         arrays, inner_metrics = self.strategy.aggregate_train(server_round, accepted)
         merged = _merge(inner_metrics, aggregate_metrics(metrics, weights, self.weight_key))
         merged = MetricRecord({**merged, **traffic.metrics()})
-        name = type(self.strategy).__name__
+        strategy_name = type(self.strategy).__name__
         if arrays is None:
-            self._no_update(server_round, f"{name} aggregated nothing")
+            self._no_update(server_round, f"{strategy_name} aggregated nothing")
             return None, merged
         raw = {name: arrays[name].numpy() for name in arrays}
         broken = [n for n, v in raw.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
         if broken:  # e.g. a server optimizer that diverged: never broadcast it
-            reason = f"the {name} aggregate has NaN or inf in {broken[:3]}"
+            reason = f"the {strategy_name} aggregate has NaN or inf in {broken[:3]}"
             log(WARNING, "Round %d: %s; the global model stays as it was", server_round, reason)
             self._no_update(server_round, reason)
             return None, merged

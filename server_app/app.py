@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from lowprec_fl.wire import TensorSpec, specs_of
 from strategies import LowPrecisionStrategy, RoundMetrics
 from strategies.factory import build_strategy
+from strategies.quantized_messages import width_metric
 from task.config import load_config, resolve_device
 from task.data import ExampleBounds, central_test_data, max_client_examples
 from task.model import build_configured_model, float_buffer_names
@@ -127,8 +128,9 @@ def _bytes_by_bits(*phases: dict) -> dict[str, int]:
     totals: dict[str, int] = {}
     for metrics in phases:
         for key, value in metrics.items():
-            if key.endswith("bit") and "-bytes-" in key:
-                name = key.replace("-bytes-", "-")
+            width = width_metric(key)
+            if width is not None:
+                name = f"{width[0]}-{width[1]}bit"
                 totals[name] = totals.get(name, 0) + int(value)
     return dict(sorted(totals.items()))
 

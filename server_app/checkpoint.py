@@ -27,7 +27,7 @@ from lowprec_fl.protocol import LINEAGE_PATTERN
 from lowprec_fl.wire import TensorSpec
 from strategies import LowPrecisionStrategy
 from strategies.state import SEPARATOR
-from strategies.wrapper import WRAPPED
+from strategies.wrapper import WRAPPED, nonnegative_int
 from task.verified_file import CorruptFileError, load_verified, save_verified
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -129,10 +129,7 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
 
 
 def _nonnegative_int(metadata: Mapping[str, str], key: str) -> int:
-    value = json.loads(metadata[key])
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{key!r} must be an integer >= 0, got {metadata[key]!r}")
-    return value
+    return nonnegative_int(json.loads(metadata[key]), repr(key))
 
 
 def _parse(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> Checkpoint:

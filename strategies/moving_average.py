@@ -11,7 +11,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp.strategy import Strategy
 
-from .wrapper import StrategyWrapper
+from .wrapper import StrategyWrapper, nonnegative_int
 
 
 class ServerMovingAverage(StrategyWrapper):
@@ -107,9 +107,8 @@ class ServerMovingAverage(StrategyWrapper):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the average and its update count (the arrays keep their given order)."""
-        average, num_updates = state.get("average"), state.get("num_updates")
-        if isinstance(num_updates, bool) or not isinstance(num_updates, int) or num_updates < 0:
-            raise ValueError(f"the moving average's num_updates must be >= 0, got {num_updates!r}")
+        average = state.get("average")
+        num_updates = nonnegative_int(state.get("num_updates"), "the moving average's num_updates")
         if average is not None and not isinstance(average, Mapping):
             raise ValueError("the moving average must be a mapping of arrays or None")
         super().load_state_dict(state)

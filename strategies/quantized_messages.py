@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -34,7 +35,7 @@ from quantization import BlockFloat
 
 from .metrics import aggregate_metrics, checked_metrics
 from .update_guard import RejectedUpdateError, UpdateGuard, model_norm
-from .wrapper import StrategyWrapper, find_wrapper
+from .wrapper import StrategyWrapper, find_wrapper, nonnegative_int
 
 Weighting = Literal["num-examples", "uniform"]
 #: The default wire format: 8-bit mantissas, one int8 exponent per 32 values (OCP MXINT8).
@@ -92,9 +93,19 @@ class PhaseTraffic:
 TRAFFIC_METRICS = tuple(PhaseTraffic().metrics())
 
 
+#: The metrics of bytes per direction and mantissa width, e.g. ``uplink-bytes-4bit``.
+WIDTH_METRIC = re.compile(r"(uplink|downlink)-bytes-(\d+)bit")
+
+
+def width_metric(key: str) -> tuple[str, int] | None:
+    """(direction, bits) of a bytes-per-width metric; None for any other key."""
+    match = WIDTH_METRIC.fullmatch(key)
+    return (match[1], int(match[2])) if match else None
+
+
 def is_traffic_metric(key: str) -> bool:
     """Whether a metric is one of the wrapper's traffic counts (not a client's metric)."""
-    return key in TRAFFIC_METRICS or (key.endswith("bit") and "-bytes-" in key)
+    return key in TRAFFIC_METRICS or width_metric(key) is not None
 
 
 @dataclass
@@ -388,9 +399,8 @@ class QuantizedMessages(StrategyWrapper):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the stall counter and the wrapped strategy's state."""
-        failed = state.get("failed_rounds", 0)  # absent in checkpoints of older versions
-        if isinstance(failed, bool) or not isinstance(failed, int) or failed < 0:
-            raise ValueError(f"failed_rounds must be an integer >= 0, got {failed!r}")
+        # absent in checkpoints of older versions
+        failed = nonnegative_int(state.get("failed_rounds", 0), "failed_rounds")
         super().load_state_dict(state)
         self.failed_rounds = failed
 

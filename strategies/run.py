@@ -15,7 +15,7 @@ from flwr.serverapp.strategy import Result, Strategy
 
 from lowprec_fl.protocol import LINEAGE_KEY, LINEAGE_PATTERN
 
-from .wrapper import StrategyWrapper
+from .wrapper import StrategyWrapper, nonnegative_int
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 
@@ -129,9 +129,8 @@ class ResumableRun(StrategyWrapper):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue after ``state["round"]``, under the saved lineage."""
-        done, lineage = state.get("round"), state.get("lineage")
-        if isinstance(done, bool) or not isinstance(done, int) or done < 0:
-            raise ValueError(f"the run's round must be an integer >= 0, got {done!r}")
+        done = nonnegative_int(state.get("round"), "the run's round")
+        lineage = state.get("lineage")
         if lineage and not (isinstance(lineage, str) and LINEAGE_PATTERN.fullmatch(lineage)):
             raise ValueError(f"the run's lineage must be 32 hex digits, got {lineage!r}")
         super().load_state_dict(state)

@@ -85,6 +85,13 @@ def load_state_dict_of(strategy: Strategy, state: dict[str, Any]) -> None:
         load_flower_state(strategy, state)
 
 
+def nonnegative_int(value: object, name: str) -> int:
+    """``value`` if it is an integer >= 0 (not a bool); else ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return value
+
+
 def find_wrapper(strategy: Strategy, kind: type[W]) -> W | None:
     """The outermost ``kind`` in a chain of wrappers (ours or Flower's), or None."""
     while strategy is not None:

@@ -44,3 +44,22 @@ def configured_strategy(run_config: dict):
     strategy = build_strategy(cfg, specs_of(template), float_buffer_names(model))
     initial = ArrayRecord({k: Array(v.numpy()) for k, v in template.items()})
     return strategy, template, initial
+
+
+def real_flwr_run(
+    tmp_path, run_config: str, num_supernodes: int, timeout: float, app_dir=None
+) -> tuple[int, str, object]:
+    """A real ``flwr run`` (of ``app_dir``, else this project) writing to ``tmp_path/out``, on
+    a private FLWR_HOME: (exit code, log text, output folder)."""
+    from scripts.flwr_local import run_simulation
+
+    out, log = tmp_path / "out", tmp_path / "flwr.log"
+    code = run_simulation(
+        run_config=f"{run_config} output-dir='{out}'",
+        num_supernodes=num_supernodes,
+        flwr_home=tmp_path / "flwr_home",
+        timeout=timeout,
+        log_path=log,
+        app_dir=app_dir,
+    )
+    return code, log.read_text(), out

@@ -15,22 +15,14 @@ from scripts.flwr_local import (
     start_simulation,
     superlink_pids,
 )
-from tests.shared_helpers import mnist_root
+from tests.shared_helpers import mnist_root, real_flwr_run
 
 pytestmark = pytest.mark.e2e
 
 
 def _simulate(tmp_path: Path, overrides: str, num_supernodes: int) -> tuple[int, str, Path]:
     """A real ``flwr run`` of ``overrides`` into ``tmp_path/out``: (exit code, log, out)."""
-    out, log = tmp_path / "out", tmp_path / "flwr.log"
-    code = run_simulation(
-        run_config=f"overrides='{overrides}' output-dir='{out}'",
-        num_supernodes=num_supernodes,
-        flwr_home=tmp_path / "flwr_home",
-        timeout=600,
-        log_path=log,
-    )
-    return code, log.read_text(), out
+    return real_flwr_run(tmp_path, f"overrides='{overrides}'", num_supernodes, timeout=600)
 
 
 def test_flwr_run_trains_8bit_fedavg_with_moving_average(tmp_path: Path) -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts.flwr_local import PROJECT_DIR, run_simulation, superlink_pids
-from tests.shared_helpers import mnist_root
+from scripts.flwr_local import PROJECT_DIR, superlink_pids
+from tests.shared_helpers import mnist_root, real_flwr_run
 
 pytestmark = pytest.mark.e2e
 
@@ -32,20 +32,12 @@ MAX_RUN_SECONDS = 90
 def _flwr_run(tmp_path: Path, app_dir: Path, run_config: str) -> tuple[int, str, Path, float]:
     """A real ``flwr run`` of ``app_dir``: (exit code, log, output dir, seconds)."""
     mnist_root()  # fail clearly here when MNIST is missing; the simulation reads DATA_ROOT
-    out, log = tmp_path / "out", tmp_path / "flwr.log"
     start = time.monotonic()
-    code = run_simulation(
-        run_config=f"{run_config} output-dir='{out}'",
-        num_supernodes=NUM_SUPERNODES,
-        flwr_home=tmp_path / "flwr_home",
-        timeout=300,
-        log_path=log,
-        app_dir=app_dir,
-    )
+    code, text, out = real_flwr_run(tmp_path, run_config, NUM_SUPERNODES, 300, app_dir)
     seconds = time.monotonic() - start
     print(f"flwr run of {app_dir.name} ({run_config}): {seconds:.1f} s")
     assert superlink_pids(tmp_path / "flwr_home") == []  # the local SuperLink was stopped
-    return code, log.read_text(), out, seconds
+    return code, text, out, seconds
 
 
 def _results(out: Path) -> tuple[dict[int, dict], dict[int, dict]]:

@@ -12,7 +12,7 @@ from .codec import QuantizedTensor, encode
 from .format import BlockFloat
 from .precision import TrainingPrecision
 from .quantizer import quantize_
-from .state_codec import LowBitState, QuantizedState, quantize_state, quantize_state_
+from .state_codec import LowBitState, QuantizedState, StateFormat, quantize_state
 
 #: Optimizer state that divides the update (Adam/AdamW, RMSprop, Adagrad): kept as sqrt, rounded up.
 SECOND_MOMENT_STATE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
@@ -76,29 +76,50 @@ class LowPrecisionOptimizer:
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One low-precision step: w <- Q_w(step(w, Q_g(grad))), state <- Q_s(state)."""
+        """One low-precision step: w <- Q_w(step(w, Q_g(grad))), state <- Q_s(state).
+
+        A ``closure`` is evaluated first (with gradients enabled), so the gradients it
+        computes are the ones quantized. Low-bit state is decoded for the step only: between
+        steps the optimizer's state holds ``QuantizedState`` codes and scales.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for p in self._params():
             if p.grad is not None:
                 quantize_(p.grad, self.grad_fmt, self.generator)
-        loss = self.optimizer.step(closure)
+        low_bit = isinstance(self.state_fmt, LowBitState)
+        stepped = [p for p in self._params() if p.grad is not None]
+        if low_bit:
+            self._decode_state(stepped)
+        self.optimizer.step()
         self.quantize_weights()
         if self.state_fmt.enabled:
-            for p in self._params():
-                for name, value in self.optimizer.state.get(p, {}).items():
+            for p in stepped if low_bit else self._params():
+                state = self.optimizer.state.get(p, {})
+                for name, value in state.items():
                     if _is_quantizable_state(name, value):
-                        self._quantize_state(name, value)
+                        state[name] = self._quantize_state(name, value)
         return loss
 
-    def _quantize_state(self, name: str, value: torch.Tensor) -> None:
-        if isinstance(self.state_fmt, LowBitState):
-            quantize_state_(value, self._low_bit_format(name), self.generator)
-        elif name in SECOND_MOMENT_STATE:
-            root = quantize_(value.sqrt(), _with_rounding(self.state_fmt, "up"))
-            value.copy_(root.square_())
-        else:
-            quantize_(value, self.state_fmt, self.generator)
+    def _decode_state(self, params: list[torch.nn.Parameter]) -> None:
+        """Replace the codes of ``params``' state by float32 tensors, for the wrapped step."""
+        for p in params:
+            state = self.optimizer.state.get(p, {})
+            for name, value in state.items():
+                if isinstance(value, QuantizedState):
+                    state[name] = value.decode().to(p.device)
 
-    def _low_bit_format(self, name: str):
+    def _quantize_state(self, name: str, value: torch.Tensor) -> torch.Tensor | QuantizedState:
+        if isinstance(self.state_fmt, LowBitState):
+            return quantize_state(value, self._low_bit_format(name), self.generator)
+        if name in SECOND_MOMENT_STATE:
+            root = quantize_(value.sqrt(), _with_rounding(self.state_fmt, "up"))
+            return value.copy_(root.square_())
+        return quantize_(value, self.state_fmt, self.generator)
+
+    def _low_bit_format(self, name: str) -> StateFormat:
         """The state format of a state tensor: second moments get theirs."""
         state = self.state_fmt
         return state.second if name in SECOND_MOMENT_STATE else state.first
@@ -112,9 +133,12 @@ class LowPrecisionOptimizer:
         exported: dict[str, QuantizedTensor | QuantizedState | torch.Tensor] = {}
         for index, p in enumerate(self._params()):
             for name, value in self.optimizer.state.get(p, {}).items():
+                key = f"{index}.{name}"
+                if isinstance(value, QuantizedState):
+                    exported[key] = value
+                    continue
                 if not isinstance(value, torch.Tensor):
                     value = torch.tensor(value)
-                key = f"{index}.{name}"
                 if isinstance(self.state_fmt, LowBitState) and _is_quantizable_state(name, value):
                     # on the grid already: nearest rounding finds the same codes, exactly
                     fmt = dataclasses.replace(self._low_bit_format(name), rounding="nearest")
@@ -126,10 +150,16 @@ class LowPrecisionOptimizer:
                     exported[key] = value.detach().clone()
         return exported
 
-    def import_state(self, exported: dict[str, QuantizedTensor | torch.Tensor]) -> None:
-        """Restore state written by ``export_state`` (same parameters, same order)."""
+    def import_state(
+        self, exported: dict[str, QuantizedTensor | QuantizedState | torch.Tensor]
+    ) -> None:
+        """Restore state written by ``export_state`` (same parameters, same order).
+
+        Low-bit state in this optimizer's format is kept as the codes it arrived in; state of
+        another format is put on this optimizer's grid (nearest rounding).
+        """
         params = list(self._params())
-        restored: list[tuple[torch.nn.Parameter, str, torch.Tensor]] = []
+        restored: list[tuple[torch.nn.Parameter, str, torch.Tensor, QuantizedState | None]] = []
         for key, value in exported.items():
             index_text, _, name = key.partition(".")
             if not index_text.isdigit() or not name:
@@ -143,8 +173,10 @@ class LowPrecisionOptimizer:
                     f"but the optimizer has {len(params)}"
                 )
             tensor = value
+            codes = None
             if isinstance(value, QuantizedState):
                 tensor = value.decode()
+                codes = value
             elif isinstance(value, QuantizedTensor):
                 tensor = value.decode()
                 if name in SECOND_MOMENT_STATE:
@@ -159,7 +191,7 @@ class LowPrecisionOptimizer:
                 raise ValueError(f"optimizer state {key!r} holds NaN or inf")
             if name == "step" and (tensor.numel() != 1 or float(tensor) < 0):
                 raise ValueError(f"optimizer state {key!r} is not a step count")
-            restored.append((p, name, tensor))
+            restored.append((p, name, tensor, codes))
         for index, names in _names_by_param(restored, params).items():
             expected = _expected_state(self.optimizer, params[index])
             if expected is not None and names != expected:
@@ -169,8 +201,14 @@ class LowPrecisionOptimizer:
                     "another optimizer?)"
                 )
         # Checked everything first: a bad entry leaves the optimizer's state untouched.
-        for p, name, tensor in restored:
-            self.optimizer.state[p][name] = tensor.to(self._state_device(p, name)).clone()
+        for p, name, tensor, codes in restored:
+            if isinstance(self.state_fmt, LowBitState) and _is_quantizable_state(name, tensor):
+                fmt = self._low_bit_format(name)
+                if codes is None or codes.fmt != fmt:
+                    codes = quantize_state(tensor, dataclasses.replace(fmt, rounding="nearest"))
+                self.optimizer.state[p][name] = codes
+            else:
+                self.optimizer.state[p][name] = tensor.to(self._state_device(p, name)).clone()
 
     def _state_device(self, p: torch.nn.Parameter, name: str) -> torch.device:
         # torch keeps step counters on the CPU unless the optimizer is capturable or fused
@@ -181,12 +219,10 @@ class LowPrecisionOptimizer:
         return p.device
 
 
-def _names_by_param(
-    restored: list[tuple[torch.nn.Parameter, str, torch.Tensor]], params: list
-) -> dict[int, set[str]]:
+def _names_by_param(restored: list[tuple], params: list) -> dict[int, set[str]]:
     index_of = {id(p): i for i, p in enumerate(params)}
     names: dict[int, set[str]] = {}
-    for p, name, _ in restored:
+    for p, name, *_ in restored:
         names.setdefault(index_of[id(p)], set()).add(name)
     return names
 

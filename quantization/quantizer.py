@@ -39,13 +39,19 @@ _compile_on_cuda = True
 
 @contextmanager
 def torch_backend() -> Iterator[None]:
-    """Use the pure-torch path (the one CUDA runs) on CPU too, e.g. to check both agree."""
+    """Use the pure-torch paths (the ones CUDA runs) on CPU too, e.g. to check both agree:
+    the block-floating-point quantizer's and the low-bit state codec's."""
     global _cpu_kernels_enabled
     previous, _cpu_kernels_enabled = _cpu_kernels_enabled, False
     try:
         yield
     finally:
         _cpu_kernels_enabled = previous
+
+
+def cpu_kernels_enabled() -> bool:
+    """Whether CPU tensors go through the compiled kernels (False inside ``torch_backend()``)."""
+    return _cpu_kernels_enabled
 
 
 def code_dtype(bits: int) -> torch.dtype:

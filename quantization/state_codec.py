@@ -35,7 +35,10 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .packing import pack_codes, packed_size, unpack_codes
+from . import _state_kernels
+from .dither import check_dither_size, dither_bits, draw_key, split_key
+from .packing import packed_size
+from .quantizer import cpu_kernels_enabled
 
 CodeMap = Literal["dynamic", "linear"]
 Normalization = Literal["block", "rank1"]
@@ -153,26 +156,43 @@ def code_map(bits: int, kind: CodeMap, signed: bool) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class QuantizedState:
-    """One state tensor as code-map indices (uint8, 0 .. 2^bits - 1) and float32 scales."""
+    """One state tensor as packed code-map indices and float32 scales.
 
-    indices: torch.Tensor
+    ``codes`` (uint8) are in the wire layout: at 8 bits one index a byte; at 4 bits two a
+    byte, low nibble first, each as ``index ^ 8`` (the two's-complement code ``index - 8``
+    that ``packing.pack_codes`` writes). What the optimizer keeps between steps.
+    """
+
+    codes: torch.Tensor
     scales: torch.Tensor
     shape: tuple[int, ...]
     fmt: StateFormat
 
+    @property
+    def indices(self) -> torch.Tensor:
+        """The code-map indices (uint8, 0 .. 2^bits - 1), in ``shape``."""
+        return _unpack_indices(self.codes, self.fmt.bits, math.prod(self.shape)).reshape(self.shape)
+
     def decode(self) -> torch.Tensor:
-        """The float32 tensor: ``Q[indices] * scale``."""
-        values = self.fmt.values[self.indices.long()].reshape(-1)
-        return (values * _expand_scales(self.scales, self.shape, self.fmt)).reshape(self.shape)
+        """The float32 tensor: ``Q[index] * scale``."""
+        fmt, numel = self.fmt, math.prod(self.shape)
+        if _kernel_applies(self.codes, self.shape, fmt):
+            out = torch.empty(numel, dtype=torch.float32)
+            _state_kernels.decode_blocks(
+                self.codes.numpy(),
+                self.scales.numpy(),
+                fmt.block_size,
+                fmt.values.numpy(),
+                fmt.bits,
+                out.numpy(),
+            )
+            return out.reshape(self.shape)
+        values = fmt.values.to(self.codes.device)[self.indices.long()].reshape(-1)
+        return (values * _expand_scales(self.scales, self.shape, fmt)).reshape(self.shape)
 
     def to_payload(self) -> tuple[np.ndarray, np.ndarray]:
-        """(indices: uint8, packed two a byte at 4 bits; scales: float32)."""
-        flat = self.indices.reshape(-1).cpu().numpy().astype(np.int64)
-        if self.fmt.bits == 8:
-            codes = flat.astype(np.uint8)
-        else:
-            codes = pack_codes(flat - (1 << (self.fmt.bits - 1)), self.fmt.bits)
-        return codes, self.scales.cpu().numpy().astype(np.float32, copy=False)
+        """(codes: uint8 in the wire layout; scales: float32), as numpy arrays."""
+        return self.codes.cpu().numpy(), self.scales.cpu().numpy().astype(np.float32, copy=False)
 
     @classmethod
     def from_payload(
@@ -180,11 +200,13 @@ class QuantizedState:
     ) -> QuantizedState:
         """Rebuild from ``to_payload`` arrays; raises ``ValueError`` when they do not fit."""
         numel = math.prod(shape)
-        want = numel if fmt.bits == 8 else packed_size(numel, fmt.bits)
+        want = packed_size(numel, fmt.bits)
         if codes.dtype != np.uint8 or codes.size != want:
             raise ValueError(
                 f"state codes must be {want} uint8 values, got {codes.size} {codes.dtype}"
             )
+        if fmt.bits == 4 and numel % 2 and int(codes.reshape(-1)[-1]) >> 4:
+            raise ValueError("state codes have a nonzero padding nibble: not this tensor's codes")
         expected_scales = num_scales(shape, fmt)
         if scales.dtype != np.float32 or scales.size != expected_scales:
             raise ValueError(
@@ -192,23 +214,41 @@ class QuantizedState:
             )
         if not np.isfinite(scales).all() or (scales < 0).any():
             raise ValueError("state scales must be finite and >= 0")
-        if fmt.bits == 8:
-            indices = codes.astype(np.uint8)
-        else:
-            offset = 1 << (fmt.bits - 1)
-            indices = (unpack_codes(codes, fmt.bits, numel).astype(np.int64) + offset).astype(
-                np.uint8
-            )
         return cls(
-            torch.from_numpy(indices.reshape(shape).copy()),
-            torch.from_numpy(scales.copy()),
+            torch.from_numpy(codes.reshape(-1).copy()),
+            torch.from_numpy(scales.reshape(-1).copy()),
             tuple(shape),
             fmt,
         )
 
     def nbytes(self) -> int:
         """Bytes of the stored form: packed codes plus float32 scales."""
-        return packed_size(math.prod(self.shape), self.fmt.bits) + 4 * self.scales.numel()
+        return self.codes.numel() + 4 * self.scales.numel()
+
+
+def _pack_indices(indices: torch.Tensor, bits: int) -> torch.Tensor:
+    """Flat uint8 indices -> codes in the wire layout (see ``QuantizedState``)."""
+    if bits == 8:
+        return indices.to(torch.uint8)
+    nibbles = indices.to(torch.uint8) ^ 8
+    if nibbles.numel() % 2:
+        nibbles = torch.cat([nibbles, nibbles.new_zeros(1)])
+    return nibbles[0::2] | (nibbles[1::2] << 4)
+
+
+def _unpack_indices(codes: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of ``_pack_indices``: ``numel`` flat uint8 indices."""
+    if bits == 8:
+        return codes.reshape(-1)[:numel]
+    pairs = torch.stack([codes & 15, codes >> 4], dim=1).reshape(-1)[:numel]
+    return pairs ^ 8
+
+
+def _kernel_applies(t: torch.Tensor, shape: tuple[int, ...], fmt: StateFormat) -> bool:
+    """The compiled kernels handle block-normalized state on the CPU (at 4 bits in blocks of
+    even length, so that each block starts on a byte)."""
+    even = fmt.bits == 8 or fmt.block_size % 2 == 0
+    return t.device.type == "cpu" and even and not _rank1(shape, fmt) and cpu_kernels_enabled()
 
 
 def num_scales(shape: tuple[int, ...], fmt: StateFormat) -> int:
@@ -253,28 +293,44 @@ def _expand_scales(scales: torch.Tensor, shape: tuple[int, ...], fmt: StateForma
     return scales.repeat_interleave(fmt.block_size)[:numel]
 
 
-#: Buckets of the lookup table that finds a value's neighbouring codes: float32 values in
-#: order, 2^12 consecutive floats a bucket (a relative width of 2^-11, far below any map's
-#: spacing, so a bucket holds at most one code boundary).
-_BUCKET_SHIFT = 12
-_BUCKET_OFFSET = 1 << (31 - _BUCKET_SHIFT)
+#: The lookup table that finds a value's neighbouring codes. A normalized value lies in
+#: [-1, 1]; its float32 magnitude bits give one of ``_BUCKETS_PER_SIGN`` buckets of relative
+#: width 2^-8, one run of buckets per sign (``_state_kernels.TINY_BITS`` ...). Each bucket
+#: holds at most one code boundary (checked when the table is built), and the table (16 KB)
+#: stays in the L1 cache. Magnitudes below 2^-32 share bucket 0.
+_TINY_BITS = int(_state_kernels.TINY_BITS)
+_ONE_BITS = int(_state_kernels.ONE_BITS)
+_BUCKET_SHIFT = int(_state_kernels.BUCKET_SHIFT)
+_BUCKETS_PER_SIGN = int(_state_kernels.BUCKETS_PER_SIGN)
 
 
-def _ordered_bits(x: torch.Tensor) -> torch.Tensor:
-    """float32 -> int32 that orders as the floats do (a negative float's magnitude bits
-    flipped); the map is its own inverse."""
-    bits = x.contiguous().view(torch.int32)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+def _buckets(x: torch.Tensor) -> torch.Tensor:
+    """Each float32 value's bucket (int64): magnitude bucket, plus one run for negatives
+    (the sign bit, so -0.0 too)."""
+    bits = x.float().contiguous().view(torch.int32)
+    magnitude = (bits & 0x7FFFFFFF).clamp(_TINY_BITS, _ONE_BITS) - _TINY_BITS
+    return (magnitude >> _BUCKET_SHIFT).long() + (bits < 0).long() * _BUCKETS_PER_SIGN
 
 
 @functools.cache
 def _bucket_table(bits: int, kind: CodeMap, signed: bool) -> torch.Tensor:
-    """For each bucket, the index of the largest code at or below the bucket's first value."""
-    starts = (torch.arange(2 * _BUCKET_OFFSET, dtype=torch.int32) - _BUCKET_OFFSET) << _BUCKET_SHIFT
-    first = _ordered_bits(starts).view(torch.float32).nan_to_num(nan=2.0)
+    """For each bucket, the index (uint8) of the largest code at or below the bucket's
+    smallest value (0 where no code is): for a positive bucket its lower edge, +0.0 for
+    bucket 0; for a negative bucket minus its largest magnitude."""
     values = code_map(bits, kind, signed)
-    below = torch.searchsorted(values, first, right=True) - 1
-    return below.clamp(min=0).to(torch.int16)
+    edges = torch.arange(_BUCKETS_PER_SIGN, dtype=torch.int64)
+    lower = (edges << _BUCKET_SHIFT) + _TINY_BITS
+    upper = torch.minimum(lower + (1 << _BUCKET_SHIFT) - 1, torch.tensor(_ONE_BITS))
+    as_float = lambda b: b.to(torch.int32).view(torch.float32)  # noqa: E731
+    smallest = torch.cat([as_float(lower).index_fill(0, torch.tensor([0]), 0.0), -as_float(upper)])
+    largest = torch.cat([as_float(upper), -as_float(lower).index_fill(0, torch.tensor([0]), 0.0)])
+    below = lambda v: (torch.searchsorted(values, v, right=True) - 1).clamp(min=0)  # noqa: E731
+    table = below(smallest)
+    # -0.0 is the largest value of negative bucket 0; searchsorted sees it as +0.0, which is
+    # what the lookup's comparison with the next code finds too
+    if int((below(largest) - table).max()) > 1:
+        raise AssertionError("a lookup bucket holds two code boundaries: narrow the buckets")
+    return table.to(torch.uint8)
 
 
 def _lower_index(fmt: StateFormat, normalized: torch.Tensor) -> torch.Tensor:
@@ -286,8 +342,7 @@ def _lower_index(fmt: StateFormat, normalized: torch.Tensor) -> torch.Tensor:
     """
     values = fmt.values.to(normalized.device)
     table = _bucket_table(fmt.bits, fmt.code_map, fmt.signed).to(normalized.device)
-    bucket = (_ordered_bits(normalized.float()) >> _BUCKET_SHIFT) + _BUCKET_OFFSET
-    lower = table[bucket.long()].long()
+    lower = table[_buckets(normalized)].long()
     nxt = (lower + 1).clamp(max=values.numel() - 1)
     return lower + ((values[nxt] <= normalized) & (nxt > lower)).long()
 
@@ -295,29 +350,68 @@ def _lower_index(fmt: StateFormat, normalized: torch.Tensor) -> torch.Tensor:
 def quantize_state(
     x: torch.Tensor, fmt: StateFormat, generator: torch.Generator | None = None
 ) -> QuantizedState:
-    """Encode ``x`` (float) in ``fmt``: nearest (or stochastically rounded) code per element."""
-    if not fmt.signed and bool((x < 0).any()):
-        raise ValueError(f"{fmt.describe()} stores nonnegative values (second moments) only")
+    """Encode ``x`` (float) in ``fmt``: nearest (or stochastically rounded) code per element.
+
+    With ``x`` normalized by its scale, ``n = clamp(x / s, -1, 1)``, between neighbouring codes
+    ``lo <= n < hi``: nearest picks the closer one; stochastic picks ``hi`` with probability
+    ``p = (n - lo) / (hi - lo)`` (to 2^-32: ``hash(i) < floor(p * 2^32)`` with the counter
+    hash of ``dither.py`` under a key drawn from ``generator``), so ``E[decode] = x`` within
+    the map's range. Raises ``ValueError`` for NaN or inf, and for negative values under an
+    unsigned map.
+    """
     shape = tuple(x.shape)
-    scales = _scales(x, fmt)
+    flat = x.detach().float().reshape(-1).contiguous()
+    key = draw_key(generator) if fmt.rounding == "stochastic" else 0
+    check_dither_size(flat.numel())
+    if _kernel_applies(flat, shape, fmt):
+        codes = torch.empty(packed_size(flat.numel(), fmt.bits), dtype=torch.uint8)
+        scales = torch.empty(num_scales(shape, fmt), dtype=torch.float32)
+        k1, k2 = split_key(key)
+        status = _state_kernels.encode_blocks(
+            flat.numpy(),
+            fmt.block_size,
+            fmt.values.numpy(),
+            _bucket_table(fmt.bits, fmt.code_map, fmt.signed).numpy(),
+            fmt.signed,
+            fmt.rounding == "stochastic",
+            np.uint32(k1),
+            np.uint32(k2),
+            fmt.bits,
+            codes.numpy(),
+            scales.numpy(),
+        )
+        _raise_for(status, fmt)
+        return QuantizedState(codes, scales, shape, fmt)
+    if not bool(torch.isfinite(flat).all()):
+        _raise_for(_state_kernels.STATE_NOT_FINITE, fmt)
+    if not fmt.signed and bool((flat < 0).any()):
+        _raise_for(_state_kernels.STATE_NEGATIVE, fmt)
+    scales = _scales(flat.reshape(shape), fmt)
     per_element = _expand_scales(scales, shape, fmt)
-    flat = x.detach().float().reshape(-1)
     safe = torch.where(per_element > 0, per_element, torch.ones_like(per_element))
     normalized = (flat / safe).clamp(-1.0, 1.0)
     values = fmt.values.to(x.device)
     upper = (_lower_index(fmt, normalized) + 1).clamp(1, values.numel() - 1)
     lo, hi = values[upper - 1], values[upper]
     if fmt.rounding == "stochastic":
-        u = torch.rand(normalized.shape, generator=generator, device="cpu").to(x.device)
-        take_hi = u < ((normalized - lo) / (hi - lo)).clamp(0, 1)
+        p = ((normalized - lo) / (hi - lo)).clamp(0, 1)
+        threshold = (p * _TWO_POW_32).clamp(max=_LARGEST_BELOW_TWO_POW_32).to(torch.int64)
+        take_hi = dither_bits(flat.numel(), key, x.device) < threshold
     else:
         take_hi = (hi - normalized) < (normalized - lo)
     indices = torch.where(take_hi, upper, upper - 1)
-    return QuantizedState(indices.to(torch.uint8).reshape(shape), scales, shape, fmt)
+    return QuantizedState(_pack_indices(indices, fmt.bits), scales, shape, fmt)
 
 
-def quantize_state_(
-    x: torch.Tensor, fmt: StateFormat, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Put ``x`` onto its format's grid in place (what the stored codes decode to)."""
-    return x.copy_(quantize_state(x, fmt, generator).decode())
+_TWO_POW_32 = 4294967296.0
+_LARGEST_BELOW_TWO_POW_32 = 4294967040.0  # the largest float32 below 2^32
+
+
+def _raise_for(status: int, fmt: StateFormat) -> None:
+    if status == _state_kernels.STATE_NOT_FINITE:
+        raise ValueError(
+            "optimizer state holds NaN or inf: check the learning rate and the inputs, or find "
+            "where the values diverged"
+        )
+    if status == _state_kernels.STATE_NEGATIVE:
+        raise ValueError(f"{fmt.describe()} stores nonnegative values (second moments) only")

@@ -70,18 +70,19 @@ def _round_block(seg, out, first, safe, values, table, stochastic, k1, k2):
     """Indices of one block's elements into ``out`` (uint8), branch-free: which neighbour
     each element takes depends on the data at random, and mispredicted branches would cost
     more than the arithmetic; loops run over slices from 0 so LLVM vectorizes them."""
-    top = values.size - 1
+    # unsigned indices: numba then skips its negative-index wraparound
+    top = _U32(values.size - 1)
     counter = _U32(first)
     for j in range(seg.size):
         v = min(max(seg[j] / safe, _F32(-1.0)), _F32(1.0))
         vb = _float_bits(v)
         magnitude = min(max(vb & np.int32(0x7FFFFFFF), TINY_BITS), ONE_BITS) - TINY_BITS
-        bucket = (magnitude >> BUCKET_SHIFT) + np.int32(vb < 0) * BUCKETS_PER_SIGN
-        lower = np.int32(table[bucket])
-        nxt = min(lower + 1, top)
-        lower += np.int32((values[nxt] <= v) & (nxt > lower))
-        upper = min(max(lower + 1, 1), top)
-        lo = values[upper - 1]
+        bucket = _U32((magnitude >> BUCKET_SHIFT) + np.int32(vb < 0) * BUCKETS_PER_SIGN)
+        lower = _U32(table[bucket])
+        nxt = min(lower + _U32(1), top)
+        lower += _U32((values[nxt] <= v) & (nxt > lower))
+        upper = min(max(lower + _U32(1), _U32(1)), top)
+        lo = values[upper - _U32(1)]
         hi = values[upper]
         if stochastic:
             p = min(max((v - lo) / (hi - lo), _F32(0.0)), _F32(1.0))
@@ -90,7 +91,7 @@ def _round_block(seg, out, first, safe, values, table, stochastic, k1, k2):
         else:
             take_hi = (hi - v) < (v - lo)
         counter += _U32(1)
-        out[j] = np.uint8(upper - 1 + np.int32(take_hi))
+        out[j] = np.uint8(upper - _U32(1) + _U32(take_hi))
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -131,10 +132,23 @@ def _pack_nibbles(out, codes, start):
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def decode_blocks(codes, scales, block, values, bits, out):
-    """``out[i] = Q[index_i] * scales[i // block]`` for codes in the wire layout."""
-    for i in range(out.size):
+    """``out[i] = Q[index_i] * scales[i // block]`` for codes in the wire layout, a block at a
+    time (no division per element)."""
+    n = out.size
+    for b in range(scales.size):
+        start = b * block
+        stop = min(n, start + block)
+        s = scales[b]
+        dest = out[start:stop]
         if bits == 8:
-            index = np.int64(codes[i])
-        else:
-            index = np.int64(((codes[i // 2] >> np.uint8(4 * (i % 2))) & np.uint8(15)) ^ 8)
-        out[i] = values[index] * scales[i // block]
+            src = codes[start:stop]
+            for j in range(dest.size):
+                dest[j] = values[np.int32(src[j])] * s
+        else:  # a block starts on a byte (even block length)
+            src = codes[start // 2 : (stop + 1) // 2]
+            for j in range(dest.size // 2):
+                byte = np.int32(src[j])
+                dest[2 * j] = values[(byte & 15) ^ 8] * s
+                dest[2 * j + 1] = values[(byte >> 4) ^ 8] * s
+            if dest.size % 2:
+                dest[dest.size - 1] = values[(np.int32(src[dest.size // 2]) & 15) ^ 8] * s

@@ -23,6 +23,7 @@ from lowprec_fl.protocol import LINEAGE_PATTERN
 from lowprec_fl.wire import (
     EXPONENT_SUFFIX,
     FORMAT_SUFFIX,
+    SCALES_SUFFIX,
     encode_tensors,
     read_tensors,
 )
@@ -145,7 +146,7 @@ def _read_state_file(path: Path) -> RecordDict:
         if not isinstance(order, list) or sorted(order) != sorted(tensors):
             raise ValueError("its tensor order does not list its tensors")
         if not isinstance(formats, dict) or set(formats) != {
-            k for k in order if not k.endswith(EXPONENT_SUFFIX)
+            k for k in order if not k.endswith((EXPONENT_SUFFIX, SCALES_SUFFIX))
         }:
             raise ValueError("its formats do not describe its tensors")
         record = RecordDict(

@@ -22,12 +22,14 @@ class LowPrecisionOptimizer:
     """Wraps a torch optimizer (SGD, Adam, AdamW, ...) so training never keeps a float32 copy.
 
     ``step()`` quantizes each gradient, runs the wrapped optimizer, then quantizes each weight and
-    every floating-point state tensor (momentum, exp_avg, exp_avg_sq, ...) in place. Step counters
-    stay as they are. Like QPyTorch's ``OptimLP``, with optimizer state quantized too.
+    every floating-point state tensor (momentum, exp_avg, exp_avg_sq, ...). Step counters stay as
+    they are. Like QPyTorch's ``OptimLP``, with optimizer state quantized too.
 
-    Second-moment state (Adam's ``exp_avg_sq``, ...) divides the update, so rounding a small entry
-    to zero turns a tiny gradient into a step of ``lr * m / eps``: it diverges within a few hundred
-    steps at 8 bits. It is therefore stored as its square root, rounded up, on the state grid.
+    ``state``: a ``LowBitState`` keeps the state as ``QuantizedState`` codes and scales between
+    steps (decoded for the wrapped step only); a ``BlockFloat`` keeps it as float32 tensors on
+    the weight grid, second moments (which divide the update: a small entry rounded to zero
+    turns a tiny gradient into a step of ``lr * m / eps``) as their square root rounded up;
+    ``FP32`` leaves it alone.
     """
 
     def __init__(

@@ -261,9 +261,19 @@ def test_optimizer_state_is_kept_between_rounds(state_bits):
     assert _distance(_uplink(second, run_config), _uplink(fresh, run_config)) > 0
 
 
-def test_optimizer_state_survives_a_new_run_through_the_state_dir(tmp_path):
+@pytest.mark.parametrize(
+    "state",
+    [
+        "",
+        "quantization.state_bits=4",
+        "quantization.state_format=bfp",
+        "quantization.state_bits=32",
+    ],
+    ids=["lowbit8-default", "lowbit4", "bfp8", "fp32"],
+)
+def test_optimizer_state_survives_a_new_run_through_the_state_dir(tmp_path, state):
     run_config = {
-        **_run_config("train.keep_optimizer_state=true"),
+        **_run_config(f"train.keep_optimizer_state=true {state}"),
         "train.state_dir": str(tmp_path),
     }
     context = _context(run_config)

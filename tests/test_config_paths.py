@@ -242,7 +242,7 @@ def test_three_channel_images_train(tmp_path: Path, model: str):
 
 # ----------------------------------------------------------------------------- training
 def test_sixteen_bit_optimizer_state_is_kept_in_context_state(tmp_path: Path):
-    run = _run(tmp_path, "quantization.state_bits=16")
+    run = _run(tmp_path, "quantization.state_format=bfp quantization.state_bits=16")
     _assert_every_round_aggregated(run)
     for context in run.grid.contexts.values():
         formats = {

@@ -5,7 +5,8 @@
 # Every low-precision setting runs with float32 Adam moments (the paper's choice) and with the
 # 8-bit low-bit optimizer state (quantization.state_format=lowbit), with and without the
 # server's moving average. Seeds run outermost, so an interrupted sweep has every setting at
-# each seed it reached; rerunning skips finished runs. PARTS="fp32state lowbit" picks parts.
+# each seed it reached; rerunning skips finished runs, including those archived (committed) in
+# experiments/results/$NAME/, where the summary goes. PARTS="fp32state lowbit" picks parts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -15,7 +16,8 @@ PARTS=${PARTS:-fp32state lowbit}
 ROOT=${SWEEP_ROOT:-outputs/sweeps}
 BASE="federation.num_clients=20 federation.num_rounds=30 federation.fraction_train=0.2"
 sweep() {
-  "$PY" -m experiments.sweep --name "$NAME" --root "$ROOT" --num-supernodes 20 --base "$BASE" "$@"
+  "$PY" -m experiments.sweep --name "$NAME" --root "$ROOT" --archive "experiments/results/$NAME" \
+    --num-supernodes 20 --base "$BASE" "$@"
 }
 for seed in $SEEDS; do
   for alpha in 0.05 0.1; do

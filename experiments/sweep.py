@@ -9,6 +9,11 @@ Each combination is one ``flwr run . --stream`` (via ``scripts.flwr_local``) wri
 ``results.json`` under ``outputs/sweeps/<name>/<combination>/``; finished combinations are
 skipped on a rerun, so an interrupted sweep continues where it stopped. ``summary.csv``,
 ``summary.md`` and plots are rebuilt from whatever results exist.
+
+With ``--archive DIR`` each finished run's ``results.json`` is also copied to
+``DIR/<combination>/`` (small enough to commit), a combination archived there counts as
+finished, and the summary and plots are built from ``DIR``: a sweep longer than one machine's
+session continues from what was committed.
 """
 
 from __future__ import annotations
@@ -57,14 +62,18 @@ def run_sweep(
     timeout: float | None = None,
     federation_config: str = DEFAULT_FEDERATION_CONFIG,
     dry_run: bool = False,
+    archive: Path | None = None,
 ) -> Path:
-    """Run every combination not finished yet; returns the sweep folder."""
+    """Run every combination not finished yet; returns the folder holding the results (the
+    sweep folder, or ``archive``)."""
     sweep_dir = root.resolve() / name  # the ServerApp needs an absolute output_dir
     combos = combinations(axes)
     started = time.perf_counter()
     for index, overrides in enumerate(combos, start=1):
         out = sweep_dir / run_name(overrides)
-        if (out / "model.safetensors").exists():
+        archived = archive / out.name / "results.json" if archive else None
+        if (out / "model.safetensors").exists() or (archived and archived.exists()):
+            _archive(out, archived)
             print(f"[{index}/{len(combos)}] {out.name}: done already", flush=True)
             continue
         if dry_run:
@@ -88,13 +97,24 @@ def run_sweep(
         last = f"accuracy {100 * rows[-1]['accuracy']:.2f}%" if rows else "no results"
         finished = code == 0 and (out / "model.safetensors").exists()  # flwr exits 0 anyway
         status = "ok" if finished else f"FAILED (exit {code}, see {out / 'flwr.log'})"
+        if finished:
+            _archive(out, archived)
         print(
             f"[{index}/{len(combos)}] {out.name}: {status}, {last}, "
             f"{time.perf_counter() - t0:.0f} s (sweep {time.perf_counter() - started:.0f} s)",
             flush=True,
         )
-    summarise(sweep_dir)
-    return sweep_dir
+    results_dir = archive if archive else sweep_dir
+    summarise(results_dir)
+    return results_dir
+
+
+def _archive(out: Path, archived: Path | None) -> None:
+    """Copy a finished run's ``results.json`` to its archive path (if any, and not there)."""
+    source = out / "results.json"
+    if archived is not None and not archived.exists() and source.exists():
+        archived.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, archived)
 
 
 class RoundProgress(Poller):
@@ -146,6 +166,13 @@ def main() -> None:
         "depend on it)",
     )
     parser.add_argument("--dry-run", action="store_true", help="list the runs left, run none")
+    parser.add_argument(
+        "--archive",
+        type=Path,
+        default=None,
+        help="folder (e.g. experiments/results/<name>) that keeps each finished run's "
+        "results.json; runs archived there are skipped, and the summary is written there",
+    )
     args = parser.parse_args()
     run_sweep(
         args.name,
@@ -156,6 +183,7 @@ def main() -> None:
         args.timeout,
         args.federation_config,
         args.dry_run,
+        args.archive.resolve() if args.archive else None,
     )
 
 

@@ -18,6 +18,10 @@ from .state_codec import LowBitState, QuantizedState, StateFormat, quantize_stat
 SECOND_MOMENT_STATE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
 
 
+#: Optimizers whose state low-bit formats are measured for (first and second moments).
+LOW_BIT_STATE_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+
+
 class LowPrecisionOptimizer:
     """Wraps a torch optimizer (SGD, Adam, AdamW, ...) so training never keeps a float32 copy.
 
@@ -40,6 +44,12 @@ class LowPrecisionOptimizer:
         state: BlockFloat | LowBitState,
         generator: torch.Generator | None = None,
     ) -> None:
+        if isinstance(state, LowBitState) and not isinstance(optimizer, LOW_BIT_STATE_OPTIMIZERS):
+            names = ", ".join(cls.__name__ for cls in LOW_BIT_STATE_OPTIMIZERS)
+            raise TypeError(
+                f"low-bit optimizer state supports {names}, not {type(optimizer).__name__}: "
+                "use one of those, or a BlockFloat (or FP32) state format"
+            )
         self.optimizer = optimizer
         self.weight_fmt = weight
         self.grad_fmt = grad

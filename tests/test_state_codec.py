@@ -247,6 +247,13 @@ def test_a_damaged_state_entry_is_refused_naming_it():
         read_tensors(ArrayRecord(scales), formats)
 
 
+@pytest.mark.parametrize("make", [torch.optim.RMSprop, torch.optim.Adagrad, torch.optim.NAdam])
+def test_an_optimizer_without_measured_low_bit_state_is_refused_by_name(make):
+    fmt = BlockFloat(8, layout="block")
+    with pytest.raises(TypeError, match=f"supports Adam, AdamW, SGD, not {make.__name__}"):
+        LowPrecisionOptimizer(make(_model().parameters(), lr=1e-2), fmt, fmt, LowBitState.at(8))
+
+
 def test_adam_with_4_bit_state_learns():
     fmt = BlockFloat(8, layout="block")
     model = _model()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -74,6 +75,15 @@ def test_a_tiny_real_sweep_runs_and_resumes(tmp_path: Path, capsys):
     )
     run_sweep("tiny", base, axes, num_supernodes=2, root=tmp_path, timeout=300)
     assert capsys.readouterr().out.count("done already") == 2
+
+    # archived results survive the sweep folder: a fresh machine skips what was committed
+    archive = tmp_path / "committed"
+    assert run_sweep("tiny", base, axes, 2, root=tmp_path, archive=archive) == archive
+    shutil.rmtree(sweep)
+    assert run_sweep("tiny", base, axes, 2, root=tmp_path, archive=archive, timeout=300) == archive
+    assert capsys.readouterr().out.count("done already") == 4
+    assert {r["setting"] for r in summarise(archive)} == set(rows)
+    assert (archive / "summary.md").exists()
 
 
 class _CountedProgress(RoundProgress):

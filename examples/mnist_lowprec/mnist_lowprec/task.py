@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
-from quantization import BlockFloat, LowPrecisionOptimizer, attach_quantizers
+from quantization import BlockFloat, LowBitState, LowPrecisionOptimizer, attach_quantizers
 
 #: 8-bit block floating point (one shared exponent per 32 values): messages and training.
 FMT = BlockFloat(8, layout="block")
@@ -67,7 +67,7 @@ def train(net, trainloader, epochs, lr, device, max_steps=0):
     net.to(device)
     criterion = nn.CrossEntropyLoss().to(device)
     optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
-    optimizer = LowPrecisionOptimizer(optimizer, weight=FMT, grad=FMT, state=FMT)
+    optimizer = LowPrecisionOptimizer(optimizer, weight=FMT, grad=FMT, state=LowBitState.at(8))
     attach_quantizers(net, activation=FMT, error=FMT)
     net.train()
     running_loss, steps = 0.0, 0

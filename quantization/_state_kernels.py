@@ -9,16 +9,21 @@ first, each as ``index ^ 8`` (the 4-bit two's-complement code ``index - 8`` of
 ``packing.pack_codes``). Decoding is ``Q[index] * s``.
 
 Results equal the torch path's bit for bit (tested): float32 division and comparisons are
-exact IEEE operations in both.
+exact IEEE operations in both. Chunks of whole blocks run on torch's own OpenMP threads, as
+the BFP kernel's do (``_openmp.py``).
 """
 
 from __future__ import annotations
 
+from array import array
+
 import numpy as np
-from numba import njit, types
+import torch
+from numba import carray, cfunc, njit, types
 from numba.extending import intrinsic
 
-from ._cpu_kernels import _mix32
+from ._cpu_kernels import _as_pointer, _claim, _mix32
+from ._openmp import openmp_parallel
 
 _U32 = np.uint32
 _F32 = np.float32
@@ -66,42 +71,35 @@ def _block_max(seg):
 
 
 @njit(inline="always")
-def _round_block(seg, out, first, safe, values, table, stochastic, k1, k2):
-    """Indices of one block's elements into ``out`` (uint8), branch-free: which neighbour
-    each element takes depends on the data at random, and mispredicted branches would cost
-    more than the arithmetic; loops run over slices from 0 so LLVM vectorizes them."""
-    # unsigned indices: numba then skips its negative-index wraparound
+def _index(x, safe, counter, values, table, stochastic, k1, k2):
+    """The code index of one value, branch-free: which neighbour it takes depends on the data
+    at random, and mispredicted branches would cost more than the arithmetic. Indices are
+    unsigned so that numba skips its negative-index wraparound."""
     top = _U32(values.size - 1)
-    counter = _U32(first)
-    for j in range(seg.size):
-        v = min(max(seg[j] / safe, _F32(-1.0)), _F32(1.0))
-        vb = _float_bits(v)
-        magnitude = min(max(vb & np.int32(0x7FFFFFFF), TINY_BITS), ONE_BITS) - TINY_BITS
-        bucket = _U32((magnitude >> BUCKET_SHIFT) + np.int32(vb < 0) * BUCKETS_PER_SIGN)
-        lower = _U32(table[bucket])
-        nxt = min(lower + _U32(1), top)
-        lower += _U32((values[nxt] <= v) & (nxt > lower))
-        upper = min(max(lower + _U32(1), _U32(1)), top)
-        lo = values[upper - _U32(1)]
-        hi = values[upper]
-        if stochastic:
-            p = min(max((v - lo) / (hi - lo), _F32(0.0)), _F32(1.0))
-            threshold = _U32(min(p * _TWO_POW_32, _LARGEST_BELOW_TWO_POW_32))
-            take_hi = _mix32(_mix32(counter ^ k1) ^ k2) < threshold
-        else:
-            take_hi = (hi - v) < (v - lo)
-        counter += _U32(1)
-        out[j] = np.uint8(upper - _U32(1) + _U32(take_hi))
+    v = min(max(x / safe, _F32(-1.0)), _F32(1.0))
+    vb = _float_bits(v)
+    magnitude = min(max(vb & np.int32(0x7FFFFFFF), TINY_BITS), ONE_BITS) - TINY_BITS
+    bucket = _U32((magnitude >> BUCKET_SHIFT) + np.int32(vb < 0) * BUCKETS_PER_SIGN)
+    lower = _U32(table[bucket])
+    nxt = min(lower + _U32(1), top)
+    lower += _U32((values[nxt] <= v) & (nxt > lower))
+    upper = min(max(lower + _U32(1), _U32(1)), top)
+    lo = values[upper - _U32(1)]
+    hi = values[upper]
+    if stochastic:
+        p = min(max((v - lo) / (hi - lo), _F32(0.0)), _F32(1.0))
+        threshold = _U32(min(p * _TWO_POW_32, _LARGEST_BELOW_TWO_POW_32))
+        take_hi = _mix32(_mix32(counter ^ k1) ^ k2) < threshold
+    else:
+        take_hi = (hi - v) < (v - lo)
+    return np.uint8(upper - _U32(1) + _U32(take_hi))
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def encode_blocks(x, block, values, table, signed, stochastic, k1, k2, bits, codes, scales):
-    """Encode float32 ``x`` (1-d) into ``codes`` (uint8, wire layout) and ``scales`` (one per
-    ``block`` elements); returns ``STATE_OK``, or ``STATE_NOT_FINITE`` / ``STATE_NEGATIVE``
-    (an unsigned map given a negative value) having written partial output."""
+def _encode_range(x, block, values, table, signed, stochastic, k1, k2, bits, codes, scales, b0, b1):
+    """Encode blocks ``[b0, b1)`` of float32 ``x``; returns a ``STATE_*`` status."""
     n = x.size
-    indices = codes if bits == 8 else np.empty(block, np.uint8)
-    for b in range((n + block - 1) // block):
+    for b in range(b0, b1):
         start = b * block
         stop = min(n, start + block)
         seg = x[start:stop]
@@ -113,21 +111,100 @@ def encode_blocks(x, block, values, table, signed, stochastic, k1, k2, bits, cod
         s = _bits_to_float(largest)
         scales[b] = s
         safe = s if s > 0 else _F32(1.0)
-        out = indices[start:stop] if bits == 8 else indices[: stop - start]
-        _round_block(seg, out, start, safe, values, table, stochastic, k1, k2)
-        if bits == 4:  # two a byte, low nibble first, as index ^ 8; a block starts on a byte
-            _pack_nibbles(out, codes, start)
+        counter = _U32(start)
+        if bits == 8:
+            out = codes[start:stop]
+            for j in range(seg.size):
+                out[j] = _index(seg[j], safe, counter + _U32(j), values, table, stochastic, k1, k2)
+        else:  # two a byte, low nibble first, as index ^ 8; a block starts on a byte
+            out = codes[start // 2 : (stop + 1) // 2]
+            for j in range(seg.size // 2):
+                c = counter + _U32(2 * j)
+                low = _index(seg[2 * j], safe, c, values, table, stochastic, k1, k2)
+                high = _index(seg[2 * j + 1], safe, c + _U32(1), values, table, stochastic, k1, k2)
+                out[j] = (low ^ np.uint8(8)) | ((high ^ np.uint8(8)) << np.uint8(4))
+            if seg.size % 2:
+                last = seg.size - 1
+                index = _index(
+                    seg[last], safe, counter + _U32(last), values, table, stochastic, k1, k2
+                )
+                out[last // 2] = index ^ np.uint8(8)
     return STATE_OK
 
 
-@njit(inline="always")
-def _pack_nibbles(out, codes, start):
-    half = out.size // 2
-    dest = codes[start // 2 : start // 2 + (out.size + 1) // 2]
-    for j in range(half):
-        dest[j] = (out[2 * j] ^ np.uint8(8)) | ((out[2 * j + 1] ^ np.uint8(8)) << np.uint8(4))
-    if out.size % 2:
-        dest[half] = out[out.size - 1] ^ np.uint8(8)
+# The worker reads its arguments from one int64 vector (addresses and scalars), so the same
+# compiled callback serves the calling thread and torch's OpenMP threads (as in _cpu_kernels).
+(_X, _CODES, _SCALES, _VALUES, _TABLE, _N, _BLOCK, _NUM_VALUES) = range(8)
+(_SIGNED, _STOCHASTIC, _K1, _K2, _BITS, _CHUNK_BLOCKS, _NUM_CHUNKS, _NEXT, _STATUS) = range(8, 17)
+_NUM_ARGS = 17
+MIN_CHUNK = 1 << 15  # elements a chunk, at least; smaller ones cost more to hand out
+
+
+@cfunc(types.void(types.voidptr), cache=True, nopython=True)
+def _encode_worker(data):
+    """Claim chunks of whole blocks until none is left and encode each."""
+    args = carray(data, _NUM_ARGS, dtype=np.int64)
+    n, block, bits = args[_N], args[_BLOCK], args[_BITS]
+    num_blocks = (n + block - 1) // block
+    x = carray(_as_pointer(args[_X]), n, dtype=np.float32)
+    codes = carray(_as_pointer(args[_CODES]), n if bits == 8 else (n + 1) // 2, dtype=np.uint8)
+    scales = carray(_as_pointer(args[_SCALES]), num_blocks, dtype=np.float32)
+    values = carray(_as_pointer(args[_VALUES]), args[_NUM_VALUES], dtype=np.float32)
+    table = carray(_as_pointer(args[_TABLE]), 2 * BUCKETS_PER_SIGN, dtype=np.uint8)
+    k1, k2 = _U32(args[_K1]), _U32(args[_K2])
+    while True:
+        chunk = _claim(data, _NEXT)
+        if chunk >= args[_NUM_CHUNKS]:
+            return
+        b0 = chunk * args[_CHUNK_BLOCKS]
+        b1 = min(num_blocks, b0 + args[_CHUNK_BLOCKS])
+        status = _encode_range(
+            x,
+            block,
+            values,
+            table,
+            args[_SIGNED] != 0,
+            args[_STOCHASTIC] != 0,
+            k1,
+            k2,
+            bits,
+            codes,
+            scales,
+            b0,
+            b1,
+        )
+        if status != STATE_OK:
+            args[_STATUS] = status
+
+
+def encode_blocks(x, block, values, table, signed, stochastic, k1, k2, bits, codes, scales):
+    """Encode contiguous float32 ``x`` (1-d numpy) into ``codes`` (uint8, wire layout) and
+    ``scales`` (one per ``block`` elements), on torch's OpenMP threads when torch runs
+    several and ``x`` is large; returns ``STATE_OK``, or ``STATE_NOT_FINITE`` /
+    ``STATE_NEGATIVE`` (an unsigned map given a negative value) having written partial output.
+    Results do not depend on the threads: a dither depends only on the element's index."""
+    n = x.size
+    if n == 0:
+        return STATE_OK
+    num_blocks = -(-n // block)
+    threads = torch.get_num_threads()
+    chunk_blocks = max(1, -(-max(MIN_CHUNK, -(-n // (4 * threads))) // block))
+    num_chunks = -(-num_blocks // chunk_blocks)
+    args = array("q", bytes(8 * _NUM_ARGS))
+    args[_X], args[_CODES], args[_SCALES] = (a.ctypes.data for a in (x, codes, scales))
+    args[_VALUES], args[_TABLE] = values.ctypes.data, table.ctypes.data
+    args[_N], args[_BLOCK], args[_NUM_VALUES] = n, block, values.size
+    args[_SIGNED], args[_STOCHASTIC] = int(signed), int(stochastic)
+    args[_K1], args[_K2] = int(k1), int(k2)
+    args[_BITS], args[_CHUNK_BLOCKS], args[_NUM_CHUNKS] = bits, chunk_blocks, num_chunks
+    threads = min(threads, num_chunks)
+    parallel = openmp_parallel() if threads > 1 else None
+    address = args.buffer_info()[0]
+    if parallel is not None:
+        parallel(_encode_worker.address, address, threads)
+    else:
+        _encode_worker.ctypes(address)
+    return args[_STATUS]
 
 
 @njit(cache=True, nogil=True, error_model="numpy")

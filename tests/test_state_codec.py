@@ -293,6 +293,20 @@ def test_the_compiled_kernel_equals_the_torch_path_bit_for_bit(fmt, rounding, nu
     assert torch.equal(kernel.indices, reference.indices)
 
 
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.describe())
+def test_the_kernel_gives_the_same_codes_on_one_thread_and_on_several(fmt):
+    x = _sample((300_001,), fmt, seed=11)  # several chunks of blocks
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = quantize_state(x, fmt, torch.Generator().manual_seed(2))
+        torch.set_num_threads(max(2, threads))
+        several = quantize_state(x, fmt, torch.Generator().manual_seed(2))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one.codes, several.codes) and torch.equal(one.scales, several.scales)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("backend", ["kernel", "torch"])
 def test_a_diverged_state_is_refused_with_a_clear_error(bad, backend):

@@ -152,9 +152,7 @@ class LowPrecisionOptimizer:
                 if not isinstance(value, torch.Tensor):
                     value = torch.tensor(value)
                 if isinstance(self.state_fmt, LowBitState) and _is_quantizable_state(name, value):
-                    # on the grid already: nearest rounding finds the same codes, exactly
-                    fmt = dataclasses.replace(self._low_bit_format(name), rounding="nearest")
-                    exported[key] = quantize_state(value, fmt)
+                    exported[key] = _codes_on_grid(value, self._low_bit_format(name))
                 elif self.state_fmt.enabled and _is_quantizable_state(name, value):
                     stored = value.sqrt() if name in SECOND_MOMENT_STATE else value
                     exported[key] = encode(stored, _with_rounding(self.state_fmt, "nearest"))
@@ -217,7 +215,7 @@ class LowPrecisionOptimizer:
             if isinstance(self.state_fmt, LowBitState) and _is_quantizable_state(name, tensor):
                 fmt = self._low_bit_format(name)
                 if codes is None or codes.fmt != fmt:
-                    codes = quantize_state(tensor, dataclasses.replace(fmt, rounding="nearest"))
+                    codes = _codes_on_grid(tensor, fmt)
                 self.optimizer.state[p][name] = codes
             else:
                 self.optimizer.state[p][name] = tensor.to(self._state_device(p, name)).clone()
@@ -249,6 +247,13 @@ def _expected_state(optimizer: torch.optim.Optimizer, p: torch.nn.Parameter) -> 
     if type(optimizer) is torch.optim.SGD:
         return {"momentum_buffer"} if group["momentum"] else set()
     return None
+
+
+def _codes_on_grid(x: torch.Tensor, fmt: StateFormat) -> QuantizedState:
+    """``x``'s nearest codes in ``fmt``, labelled with ``fmt`` itself (its rounding is how
+    future steps round; a value already on the grid encodes exactly either way)."""
+    nearest = quantize_state(x, dataclasses.replace(fmt, rounding="nearest"))
+    return dataclasses.replace(nearest, fmt=fmt)
 
 
 def _is_quantizable_state(name: str, value: object) -> bool:

@@ -224,6 +224,29 @@ def test_low_bit_state_stays_on_its_grid_and_round_trips_through_the_state_recor
         assert torch.equal(a, b)
 
 
+def test_state_of_another_width_is_put_on_this_optimizers_grid_when_loaded():
+    fmt = BlockFloat(8, layout="block")
+    model = _model()
+    eight = LowPrecisionOptimizer(
+        torch.optim.Adam(model.parameters(), lr=1e-2), fmt, fmt, LowBitState.at(8)
+    )
+    _steps(eight, model, 3)
+    four = LowPrecisionOptimizer(
+        torch.optim.Adam(model.parameters(), lr=1e-2), fmt, fmt, LowBitState.at(4)
+    )
+    four.import_state(eight.export_state())
+    for p in model.parameters():
+        for name, value in four.optimizer.state[p].items():
+            if name == "step":
+                continue
+            wanted = LowBitState.at(4).second if name == "exp_avg_sq" else LowBitState.at(4).first
+            assert value.fmt == wanted  # re-encoded at 4 bits, nearest to the 8-bit values
+            source = eight.optimizer.state[p][name].decode()
+            nearest = quantize_state(source, dataclasses.replace(wanted, rounding="nearest"))
+            assert torch.equal(value.codes, nearest.codes), name
+    _steps(four, model, 2)  # and it trains on
+
+
 def test_state_entries_are_not_accepted_as_model_tensors_on_the_wire():
     arrays, formats = encode_tensors(
         {"w": quantize_state(torch.randn(300), first_moment_format(8))}, FP32

@@ -25,13 +25,17 @@ def _setting(folder: Path) -> tuple[str, str]:
 
 
 def load_runs(sweep_dir: Path) -> dict[str, dict[str, list[dict]]]:
-    """{setting: {seed: rounds}} for every finished run (a running one has no final model)."""
+    """{setting: {seed: rounds}} for every finished run: one whose results reach its
+    configured last round (a running or failed run's do not; archived copies keep only
+    ``results.json``)."""
     runs: dict[str, dict[str, list[dict]]] = defaultdict(dict)
     for path in sorted(sweep_dir.glob("*/results.json")):
-        if not (path.parent / "model.safetensors").exists():
+        results = json.loads(path.read_text())
+        rounds = results["rounds"]
+        if not rounds or rounds[-1]["round"] != results["config"]["federation"]["num_rounds"]:
             continue
         setting, seed = _setting(path.parent)
-        runs[setting][seed] = json.loads(path.read_text())["rounds"]
+        runs[setting][seed] = rounds
     return runs
 
 

@@ -38,9 +38,10 @@ def _fake_run(folder: Path, accuracies: list[float], finished: bool = True) -> N
         }
         for i, a in enumerate(accuracies)
     ]
-    (folder / "results.json").write_text(json.dumps({"config": {}, "rounds": rounds}))
-    if finished:
-        (folder / "model.safetensors").write_bytes(b"")
+    # a running (or failed) run has not reached its configured last round
+    num_rounds = len(accuracies) - 1 if finished else len(accuracies) + 3
+    config = {"federation": {"num_rounds": num_rounds}}
+    (folder / "results.json").write_text(json.dumps({"config": config, "rounds": rounds}))
 
 
 def test_summary_averages_the_last_five_rounds_over_seeds(tmp_path: Path):

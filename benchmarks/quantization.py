@@ -131,7 +131,7 @@ def bench_train_step(device: torch.device = CPU, single_thread: bool = False) ->
         torch.set_num_threads(threads)
 
     def ratio(name: str) -> float:
-        return statistics.median(t / f for t, f in zip(samples[name], samples["fp32"], strict=True))
+        return paired_ratio(samples, name, "fp32")
 
     if single_thread:
         return [Figure("train_step_ratio_8bit_vs_fp32_1thread", ratio("8bit"), "x")]
@@ -157,8 +157,16 @@ def _step_seconds(device: torch.device, with_reference_layout: bool) -> dict[str
     fns = {"fp32": fp32_step_fn(x, y), "8bit": lowp_step_fn(x, y, precision_at(8, "block"))}
     if with_reference_layout:
         fns["8bit_reference_layout"] = lowp_step_fn(x, y, precision_at(8, "auto"))
+    return interleaved_seconds(fns, device)
+
+
+def interleaved_seconds(
+    fns: dict[str, Callable[[], None]], device: torch.device = CPU, scale: int = 1
+) -> dict[str, list[float]]:
+    """Seconds per call of each closure, one sample per round, the closures run back to back
+    in alternating order (``scale`` times the usual calls per round, for short closures)."""
     for fn in fns.values():  # first calls load/compile numba kernels and warm allocators
-        time_round(fn, STEP_WARMUP, device)
+        time_round(fn, STEP_WARMUP * scale, device)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
     for r in range(STEP_ROUNDS):
@@ -166,8 +174,14 @@ def _step_seconds(device: torch.device, with_reference_layout: bool) -> dict[str
             break  # a busy machine: keep the whole run within a few minutes
         order = list(fns) if r % 2 == 0 else list(reversed(list(fns)))
         for name in order:
-            samples[name].append(time_round(fns[name], STEPS_PER_ROUND, device))
+            samples[name].append(time_round(fns[name], STEPS_PER_ROUND * scale, device))
     return samples
+
+
+def paired_ratio(samples: dict[str, list[float]], name: str, baseline: str) -> float:
+    """The median over rounds of ``name``'s time over ``baseline``'s in the same round."""
+    pairs = zip(samples[name], samples[baseline], strict=True)
+    return statistics.median(t / b for t, b in pairs)
 
 
 def float_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -290,14 +304,13 @@ def bench_optimizer_state() -> list[Figure]:
         opt.step()
         sizes[name] = save_optimizer_state(RecordDict(), opt)
     quantized = [name for name in precisions if name != "fp32"]
-    train = _interleaved({name: lowp_step_fn(x, y, precisions[name]) for name in quantized}, 1)
-    optimizer_only = _interleaved(
-        {name: optimizer_step_fn(x, y, precisions[name]) for name in quantized}, 10
+    train = interleaved_seconds({name: lowp_step_fn(x, y, precisions[name]) for name in quantized})
+    optimizer_only = interleaved_seconds(
+        {name: optimizer_step_fn(x, y, precisions[name]) for name in quantized}, scale=10
     )
 
     def step_ratio(name: str, samples: dict[str, list[float]] = train) -> float:
-        pairs = zip(samples[name], samples["bfp8"], strict=True)
-        return statistics.median(t / b for t, b in pairs)
+        return paired_ratio(samples, name, "bfp8")
 
     return [
         Figure("optimizer_state_bytes_fp32", float(sizes["fp32"]), "B"),
@@ -342,21 +355,6 @@ def optimizer_step_fn(
     )
     nn.functional.cross_entropy(model(x), y).backward()
     return opt.step
-
-
-def _interleaved(fns: dict[str, Callable[[], None]], scale: int) -> dict[str, list[float]]:
-    """Per-round seconds of each closure, run back to back in alternating order (``scale``
-    times the usual calls per round)."""
-    for fn in fns.values():
-        time_round(fn, STEP_WARMUP * scale, CPU)
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    start = time.perf_counter()
-    for r in range(STEP_ROUNDS):
-        if r >= STEP_MIN_ROUNDS and time.perf_counter() - start > STEP_BUDGET_S:
-            break
-        for name in list(fns) if r % 2 == 0 else list(reversed(list(fns))):
-            samples[name].append(time_round(fns[name], STEPS_PER_ROUND * scale, CPU))
-    return samples
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,13 +22,11 @@ import torch
 from numba import carray, cfunc, njit, types
 from numba.extending import intrinsic
 
-from ._cpu_kernels import _as_pointer, _claim, _mix32
+from ._cpu_kernels import _LARGEST_BELOW_TWO_POW_32, _TWO_POW_32, _as_pointer, _claim, _mix32
 from ._openmp import openmp_parallel
 
 _U32 = np.uint32
 _F32 = np.float32
-_TWO_POW_32 = _F32(4294967296.0)
-_LARGEST_BELOW_TWO_POW_32 = _F32(4294967040.0)
 STATE_OK, STATE_NOT_FINITE, STATE_NEGATIVE = 0, 1, 2
 
 

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from . import _state_kernels
+from ._cpu_kernels import _LARGEST_BELOW_TWO_POW_32, _TWO_POW_32
 from .dither import check_dither_size, dither_bits, draw_key, split_key
 from .packing import packed_size
 from .quantizer import cpu_kernels_enabled
@@ -395,16 +396,13 @@ def quantize_state(
     lo, hi = values[upper - 1], values[upper]
     if fmt.rounding == "stochastic":
         p = ((normalized - lo) / (hi - lo)).clamp(0, 1)
-        threshold = (p * _TWO_POW_32).clamp(max=_LARGEST_BELOW_TWO_POW_32).to(torch.int64)
+        threshold = (p * float(_TWO_POW_32)).clamp(max=float(_LARGEST_BELOW_TWO_POW_32))
+        threshold = threshold.to(torch.int64)
         take_hi = dither_bits(flat.numel(), key, x.device) < threshold
     else:
         take_hi = (hi - normalized) < (normalized - lo)
     indices = torch.where(take_hi, upper, upper - 1)
     return QuantizedState(_pack_indices(indices, fmt.bits), scales, shape, fmt)
-
-
-_TWO_POW_32 = 4294967296.0
-_LARGEST_BELOW_TWO_POW_32 = 4294967040.0  # the largest float32 below 2^32
 
 
 def _raise_for(status: int, fmt: StateFormat) -> None:

@@ -26,7 +26,7 @@ from llvmlite import ir
 from numba import carray, cfunc, njit, types
 from numba.extending import intrinsic
 
-from ._openmp import openmp_parallel
+from ._openmp import run_worker
 
 _U32 = np.uint32
 _F32 = np.float32
@@ -260,9 +260,6 @@ def _worker(data):
                 _round_chunk(args, start, stop, x, _array(args, _OUT, n, np.int16))
 
 
-_run_on_this_thread = _worker.ctypes
-
-
 def _chunking(n: int, block_len: int, threads: int) -> tuple[int, int, int]:
     """(chunk length, number of chunks, key rows): chunks hold whole blocks where blocks are
     shorter than a chunk (one row of keys); else a block spans chunks and each chunk keeps
@@ -277,12 +274,7 @@ def _chunking(n: int, block_len: int, threads: int) -> tuple[int, int, int]:
 def _run(args: array, phase: int, threads: int) -> None:
     args[_PHASE] = phase
     args[_NEXT_CHUNK] = 0
-    address = args.buffer_info()[0]
-    parallel = openmp_parallel() if threads > 1 else None
-    if parallel is not None:
-        parallel(_worker.address, address, threads)
-    else:
-        _run_on_this_thread(address)
+    run_worker(_worker, args, threads)
 
 
 def quantize_flat(

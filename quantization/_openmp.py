@@ -17,8 +17,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+from array import array
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -66,3 +68,15 @@ def openmp_parallel() -> Callable[[int, int, int], None] | None:
         gomp_parallel(fn_address, data_address, num_threads, 0)
 
     return run
+
+
+def run_worker(worker: Any, args: array, threads: int) -> None:
+    """Run a compiled ``void(void*)`` callback (a numba ``cfunc``) on the int64 argument
+    vector ``args``: on ``threads`` of torch's OpenMP threads when there are several and the
+    runtime is available, else on the calling thread. The callback shares out the work."""
+    address = args.buffer_info()[0]
+    parallel = openmp_parallel() if threads > 1 else None
+    if parallel is not None:
+        parallel(worker.address, address, threads)
+    else:
+        worker.ctypes(address)

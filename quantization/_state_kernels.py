@@ -22,8 +22,15 @@ import torch
 from numba import carray, cfunc, njit, types
 from numba.extending import intrinsic
 
-from ._cpu_kernels import _LARGEST_BELOW_TWO_POW_32, _TWO_POW_32, _as_pointer, _claim, _mix32
-from ._openmp import openmp_parallel
+from ._cpu_kernels import (
+    _LARGEST_BELOW_TWO_POW_32,
+    _TWO_POW_32,
+    _as_pointer,
+    _chunking,
+    _claim,
+    _mix32,
+)
+from ._openmp import run_worker
 
 _U32 = np.uint32
 _F32 = np.float32
@@ -135,7 +142,6 @@ def _encode_range(x, block, values, table, signed, stochastic, k1, k2, bits, cod
 (_X, _CODES, _SCALES, _VALUES, _TABLE, _N, _BLOCK, _NUM_VALUES) = range(8)
 (_SIGNED, _STOCHASTIC, _K1, _K2, _BITS, _CHUNK_BLOCKS, _NUM_CHUNKS, _NEXT, _STATUS) = range(8, 17)
 _NUM_ARGS = 17
-MIN_CHUNK = 1 << 15  # elements a chunk, at least; smaller ones cost more to hand out
 
 
 @cfunc(types.void(types.voidptr), cache=True, nopython=True)
@@ -186,7 +192,8 @@ def encode_blocks(x, block, values, table, signed, stochastic, k1, k2, bits, cod
         return STATE_OK
     num_blocks = -(-n // block)
     threads = torch.get_num_threads()
-    chunk_blocks = max(1, -(-max(MIN_CHUNK, -(-n // (4 * threads))) // block))
+    chunk_len, _, _ = _chunking(n, block, threads)  # the BFP kernel's chunks, whole blocks here
+    chunk_blocks = max(1, chunk_len // block)
     num_chunks = -(-num_blocks // chunk_blocks)
     args = array("q", bytes(8 * _NUM_ARGS))
     args[_X], args[_CODES], args[_SCALES] = (a.ctypes.data for a in (x, codes, scales))
@@ -195,13 +202,7 @@ def encode_blocks(x, block, values, table, signed, stochastic, k1, k2, bits, cod
     args[_SIGNED], args[_STOCHASTIC] = int(signed), int(stochastic)
     args[_K1], args[_K2] = int(k1), int(k2)
     args[_BITS], args[_CHUNK_BLOCKS], args[_NUM_CHUNKS] = bits, chunk_blocks, num_chunks
-    threads = min(threads, num_chunks)
-    parallel = openmp_parallel() if threads > 1 else None
-    address = args.buffer_info()[0]
-    if parallel is not None:
-        parallel(_encode_worker.address, address, threads)
-    else:
-        _encode_worker.ctypes(address)
+    run_worker(_encode_worker, args, min(threads, num_chunks))
     return args[_STATUS]
 
 

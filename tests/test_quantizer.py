@@ -11,7 +11,7 @@ import torch
 
 from quantization import (
     BlockFloat,
-    _cpu_kernels,
+    _openmp,
     quantize,
     quantize_,
     quantize_codes,
@@ -167,12 +167,12 @@ def test_thread_count_does_not_change_results(fmt, torch_threads, monkeypatch):
     torch_threads(1)
     one = quantize_codes(x, fmt, torch.Generator().manual_seed(1))
     torch_threads(2)
-    parallel = _cpu_kernels.openmp_parallel()
+    parallel = _openmp.openmp_parallel()
     if sys.platform == "linux" and not os.environ.get("LOWPREC_SERIAL_KERNELS"):
         assert parallel is not None  # torch's OpenMP runtime is found there: the test uses it
     if parallel is not None:
         monkeypatch.setattr(
-            _cpu_kernels, "openmp_parallel", lambda: lambda *a: runs.append(a) or parallel(*a)
+            _openmp, "openmp_parallel", lambda: lambda *a: runs.append(a) or parallel(*a)
         )
     two = quantize_codes(x, fmt, torch.Generator().manual_seed(1))
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])

@@ -317,17 +317,26 @@ def test_the_compiled_kernel_equals_the_torch_path_bit_for_bit(fmt, rounding, nu
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.describe())
-def test_the_kernel_gives_the_same_codes_on_one_thread_and_on_several(fmt):
+def test_the_kernel_gives_the_same_codes_on_one_thread_and_on_several(fmt, monkeypatch):
+    from quantization import _openmp
+
     x = _sample((300_001,), fmt, seed=11)  # several chunks of blocks
     threads = torch.get_num_threads()
+    runs = []
+    parallel = _openmp.openmp_parallel()
+    if parallel is not None:  # count the parallel regions the encoder starts
+        monkeypatch.setattr(
+            _openmp, "openmp_parallel", lambda: lambda *a: runs.append(a) or parallel(*a)
+        )
     try:
         torch.set_num_threads(1)
         one = quantize_state(x, fmt, torch.Generator().manual_seed(2))
-        torch.set_num_threads(max(2, threads))
+        torch.set_num_threads(2)
         several = quantize_state(x, fmt, torch.Generator().manual_seed(2))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one.codes, several.codes) and torch.equal(one.scales, several.scales)
+    assert parallel is None or [threads for *_, threads in runs] == [2]  # on two threads
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

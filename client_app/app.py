@@ -139,6 +139,7 @@ def train(msg: Message, context: Context) -> Message:
         device=device,
         proximal_mu=float(config_value(config, PROXIMAL_MU_KEY, 0.0, float, 0.0, 1e6)),
         max_steps=int(t.max_steps),
+        arithmetic=str(t.arithmetic),
     )
     state_bytes = 0
     if t.keep_optimizer_state:

@@ -35,6 +35,8 @@ STRATEGY_NAMES = (
     "fedtrimmedavg",
 )
 OPTIMIZER_NAMES = ("adam", "adamw", "sgd")
+#: train.arithmetic: float32 products of grid values, or int8 products (integer_arithmetic).
+ARITHMETICS = ("fake", "int8")
 BIT_KEYS = (
     "weight_bits",
     "grad_bits",
@@ -181,6 +183,13 @@ def validate_config(cfg: DictConfig) -> None:
     q = cfg.quantization
     require(q.weight_layout in LAYOUTS, "quantization.weight_layout", f"use one of {LAYOUTS}")
     require(q.wire_layout in LAYOUTS, "quantization.wire_layout", f"use one of {LAYOUTS}")
+    require(train.arithmetic in ARITHMETICS, "train.arithmetic", f"use one of {ARITHMETICS}")
+    require(
+        train.arithmetic != "int8" or q.weight_layout in ("channel", "tensor"),
+        "quantization.weight_layout",
+        "train.arithmetic=int8 needs one weight exponent per output channel or per tensor: "
+        "set quantization.weight_layout=channel (or tensor)",
+    )
     require(q.state_format in ("lowbit", "bfp"), "quantization.state_format", "use lowbit or bfp")
     require(
         q.state_format != "lowbit" or int(q.state_bits) in (4, 8, 32),

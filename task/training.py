@@ -9,6 +9,7 @@ from torch import nn
 
 from federated_data import ImageData
 from quantization import LowPrecisionOptimizer, TrainingPrecision, attach_quantizers
+from quantization.integer_arithmetic import attach_integer_arithmetic
 
 
 @dataclass(frozen=True)
@@ -54,11 +55,17 @@ def train_local(
     device: torch.device,
     proximal_mu: float = 0.0,
     max_steps: int = 0,
+    arithmetic: str = "fake",
 ) -> TrainResult:
-    """Train in low precision; adds FedProx's ``mu/2 ||w - w_global||^2`` when mu > 0."""
+    """Train in low precision; adds FedProx's ``mu/2 ||w - w_global||^2`` when mu > 0.
+
+    ``arithmetic="int8"`` runs conv and linear products as integer products (the same
+    function; ``quantization.integer_arithmetic``), ``"fake"`` in float32.
+    """
     model.train()
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     hooks = attach_quantizers(model, precision.activation, precision.error, generator)
+    integer = attach_integer_arithmetic(model, precision) if arithmetic == "int8" else None
     total_loss, seen, steps = 0.0, 0, 0
     try:
         for _ in range(epochs):
@@ -84,6 +91,8 @@ def train_local(
                 break
     finally:
         hooks.remove()
+        if integer is not None:
+            integer.remove()
     if seen == 0:
         raise ValueError("the local training split is empty: lower partition.test_fraction")
     return TrainResult(loss=total_loss / seen, num_examples=seen, steps=steps)

@@ -1,0 +1,214 @@
+"""Train ``nn.Conv2d`` and ``nn.Linear`` layers on integer arithmetic, without rewriting the model.
+
+``attach_integer_arithmetic(model, precision)`` points each eligible layer's ``forward`` at an
+autograd function whose forward, grad-input and grad-weight products are int8 x int8 -> int32
+(``integer_ops``), and saves int8 codes, not float32 tensors, for backward. It computes the
+function the fake-quant path computes (``attach_quantizers``), which stays attached: its
+quantizers put every layer input and every error on a per-tensor grid, and the integer layers
+read the codes off that grid. A value that is not on its grid (the model's own input, which the
+reference code leaves in float32) takes the float32 route for that product, so the numbers
+never depend on the route.
+
+Where a layer or product has no integer route it falls back to float32 arithmetic on the same
+grid values, with one log line per layer and reason: grouped or non-zero-padded convs, strided
+convs' backward products, weights whose exponents are shared by blocks smaller than an output
+channel (use ``layout="channel"`` or ``"tensor"``), non-CPU tensors, and CPUs or torch builds
+where oneDNN's int8 convolution is missing or inexact.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from . import integer_ops as ops
+from .format import BlockFloat
+from .integer_ops import Codes, ConvGeometry, codes_on_grid, integer_layout_problem
+from .precision import TrainingPrecision
+
+log = logging.getLogger(__name__)
+
+
+class _Route:
+    """One layer's integer route: its formats, and the fallbacks it has already logged."""
+
+    def __init__(self, name: str, precision: TrainingPrecision) -> None:
+        self.name = name
+        self.weight_fmt = precision.weight
+        self.activation_fmt = precision.activation
+        self.error_fmt = precision.error
+        self.logged: set[str] = set()
+        self.integer_calls = 0
+        self.fallback_calls = 0
+
+    def fallback(self, reason: str) -> None:
+        """Count a float32 product and log its reason, once per reason."""
+        self.fallback_calls += 1
+        if reason not in self.logged:
+            self.logged.add(reason)
+            log.info("layer %s: float32 arithmetic (fake quantization): %s", self.name, reason)
+
+    def codes(self, x: torch.Tensor, fmt: BlockFloat, per_channel: bool, role: str) -> Codes | None:
+        """``x``'s integer codes, or None (logged) when it has none."""
+        problem = integer_layout_problem(fmt, tuple(x.shape), per_channel)
+        if problem is None and x.device.type != "cpu":
+            problem = f"integer products run on CPU only; the {role} is on {x.device.type}"
+        if problem is None:
+            codes = codes_on_grid(x, fmt)
+            if codes is not None:
+                return codes
+            problem = f"the {role} is not on its {fmt.describe()} grid"
+        self.fallback(f"{role}: {problem}")
+        return None
+
+
+class _IntegerConv2d(torch.autograd.Function):
+    """conv2d on codes: int8 forward, int8 backward where the stride is 1."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, x_codes, w_codes, geometry, route):  # type: ignore[override]
+        ctx.save_for_backward(x_codes.codes, x_codes.steps, w_codes.codes, w_codes.steps)
+        ctx.geometry, ctx.route = geometry, route
+        ctx.input_shape, ctx.weight_shape = x.shape, weight.shape
+        return ops.conv2d_forward(x_codes, w_codes, bias, geometry)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x_codes, x_steps, w_codes, w_steps = ctx.saved_tensors
+        x, w = Codes(x_codes, x_steps), Codes(w_codes, w_steps)
+        need_x, need_w, need_bias = ctx.needs_input_grad[:3]
+        geometry, route = ctx.geometry, ctx.route
+        grad_x = grad_w = None
+        dy = None
+        if need_x or need_w:
+            if geometry.unit_stride:
+                dy = route.codes(grad, route.error_fmt, False, "error")
+            else:
+                route.fallback(f"backward products: stride {geometry.stride} (needs 1)")
+        if dy is not None:
+            if need_x:
+                grad_x = ops.conv2d_grad_input(dy, w, ctx.input_shape, geometry)
+            if need_w:
+                grad_w = ops.conv2d_grad_weight(dy, x, ctx.weight_shape, geometry)
+        elif need_x or need_w:
+            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+                grad, x.decode(), w.decode(), None, geometry.stride, geometry.padding,
+                geometry.dilation, False, [0, 0], 1, [need_x, need_w, False],
+            )  # fmt: skip
+        grad_bias = grad.sum((0, 2, 3)) if need_bias else None
+        return grad_x, grad_w, grad_bias, None, None, None, None
+
+
+class _IntegerLinear(torch.autograd.Function):
+    """linear on codes: int8 forward and backward; ``x`` flattened to (rows, in)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, x_codes, w_codes, route):  # type: ignore[override]
+        ctx.save_for_backward(x_codes.codes, x_codes.steps, w_codes.codes, w_codes.steps)
+        ctx.route, ctx.input_shape = route, x.shape
+        rows = Codes(x_codes.codes.reshape(-1, x.shape[-1]), x_codes.steps)
+        y = ops.linear_forward(rows, w_codes, bias)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x_codes, x_steps, w_codes, w_steps = ctx.saved_tensors
+        need_x, need_w, need_bias = ctx.needs_input_grad[:3]
+        route, shape = ctx.route, ctx.input_shape
+        x = Codes(x_codes.reshape(-1, shape[-1]), x_steps)
+        w = Codes(w_codes, w_steps)
+        rows = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_w = None
+        dy = route.codes(rows, route.error_fmt, False, "error") if need_x or need_w else None
+        if dy is not None:
+            grad_x = ops.linear_grad_input(dy, w).reshape(shape) if need_x else None
+            grad_w = ops.linear_grad_weight(dy, x) if need_w else None
+        else:
+            grad_x = (rows @ w.decode()).reshape(shape) if need_x else None
+            grad_w = rows.t() @ x.decode() if need_w else None
+        grad_bias = rows.sum(0) if need_bias else None
+        return grad_x, grad_w, grad_bias, None, None, None
+
+
+def _integer_forward(route: _Route, module: nn.Conv2d | nn.Linear) -> Callable[..., torch.Tensor]:
+    """``module``'s forward on codes when its input and weight have them, else its own."""
+    original = module.forward
+    if isinstance(module, nn.Conv2d):
+        geometry = ConvGeometry(module.stride, module.padding, module.dilation)  # type: ignore[arg-type]
+
+        def product(x, x_codes, w_codes):
+            args = (x, module.weight, module.bias, x_codes, w_codes, geometry, route)
+            return _IntegerConv2d.apply(*args)
+    else:
+
+        def product(x, x_codes, w_codes):
+            return _IntegerLinear.apply(x, module.weight, module.bias, x_codes, w_codes, route)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        x_codes = route.codes(x, route.activation_fmt, False, "input")
+        w_codes = route.codes(module.weight, route.weight_fmt, True, "weight") if x_codes else None
+        if x_codes is None or w_codes is None:
+            return original(x)
+        route.integer_calls += 1
+        return product(x, x_codes, w_codes)
+
+    return forward
+
+
+def _conv_problem(module: nn.Conv2d) -> str | None:
+    """Why a conv layer has no integer route at all, or None."""
+    if module.groups != 1:
+        return f"grouped convolution (groups={module.groups})"
+    if module.padding_mode != "zeros":
+        return f"padding_mode={module.padding_mode!r} (needs 'zeros')"
+    if isinstance(module.padding, str):
+        return f"padding={module.padding!r} (needs explicit sizes)"
+    return ops.onednn_int8_conv_exact()
+
+
+class IntegerArithmetic:
+    """The layers ``attach_integer_arithmetic`` rerouted; ``remove()`` restores them."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, _Route] = {}
+        self._modules: list[nn.Module] = []
+
+    def add(self, module: nn.Module, route: _Route, forward: Callable) -> None:
+        """Route ``module``'s forward through ``forward``."""
+        module.forward = types.MethodType(lambda _self, x: forward(x), module)
+        self.routes[route.name] = route
+        self._modules.append(module)
+
+    def remove(self) -> None:
+        """Give every rerouted layer its own forward back."""
+        for module in self._modules:
+            del module.forward
+        self._modules.clear()
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
+def attach_integer_arithmetic(model: nn.Module, precision: TrainingPrecision) -> IntegerArithmetic:
+    """Reroute every plain ``nn.Conv2d`` and ``nn.Linear`` of ``model`` onto integer products.
+
+    Use it together with ``attach_quantizers`` (which puts inputs and errors on their grids)
+    and a ``LowPrecisionOptimizer`` (which keeps weights on theirs). Layers without an integer
+    route keep their float32 forward; each is logged once with the reason.
+    """
+    attached = IntegerArithmetic()
+    for name, module in model.named_modules():
+        kind = type(module)
+        if kind not in (nn.Conv2d, nn.Linear):
+            continue
+        route = _Route(name or kind.__name__, precision)
+        problem = _conv_problem(module) if kind is nn.Conv2d else None  # type: ignore[arg-type]
+        if problem is not None:
+            route.fallback(problem)
+            continue
+        attached.add(module, route, _integer_forward(route, module))  # type: ignore[arg-type]
+    return attached

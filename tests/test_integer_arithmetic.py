@@ -1,0 +1,214 @@
+"""The integer path computes the fake-quant path's function: forward, grad-input, grad-weight."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from quantization import BlockFloat, TrainingPrecision, attach_quantizers, quantize, quantize_
+from quantization.integer_arithmetic import attach_integer_arithmetic
+from quantization.integer_ops import codes_on_grid, integer_layout_problem, onednn_int8_conv_exact
+
+pytestmark = pytest.mark.skipif(
+    onednn_int8_conv_exact() is not None, reason=str(onednn_int8_conv_exact())
+)
+
+
+def precision(bits: int, weight_layout: str = "channel") -> TrainingPrecision:
+    """Every role at ``bits``; weights per output channel (or ``weight_layout``)."""
+    weight = BlockFloat(bits, layout=weight_layout)  # type: ignore[arg-type]
+    flow = BlockFloat(bits, layout="tensor")
+    return TrainingPrecision(weight=weight, grad=weight, activation=flow, error=flow, state=weight)
+
+
+def spread_channels(layer: nn.Module, seed: int) -> None:
+    """Scale output channels by different powers of two, so weights hold several exponents."""
+    generator = torch.Generator().manual_seed(seed)
+    shifts = torch.randint(-3, 3, (layer.weight.shape[0],), generator=generator)
+    with torch.no_grad():
+        layer.weight.mul_(
+            torch.ldexp(torch.ones(()), shifts).reshape(-1, *[1] * (layer.weight.dim() - 1))
+        )
+
+
+def outputs_and_grads(
+    make_layer, x: torch.Tensor, p: TrainingPrecision, integer: bool, seed: int = 0
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One forward/backward of ``make_layer()`` on an on-grid input, on either path."""
+    layer = make_layer()
+    for param in layer.parameters():
+        quantize_(param.data, p.weight)
+    model = nn.Sequential(layer)
+    generator = torch.Generator().manual_seed(seed)
+    hooks = attach_quantizers(model, p.activation, p.error, generator)
+    attached = attach_integer_arithmetic(model, p) if integer else None
+    x = quantize(x, p.activation, torch.Generator().manual_seed(seed + 1)).requires_grad_()
+    out = model(x)
+    target = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 2))
+    (out * target).sum().backward()
+    hooks.remove()
+    if attached is not None:
+        attached.remove()
+    grads = [x.grad] + [param.grad for param in layer.parameters()]
+    return out.detach(), grads
+
+
+CONVS = [
+    # (in, out, kernel, padding, dilation, bias, batch, side)
+    (3, 5, 3, 1, 1, True, 2, 7),
+    (7, 1, 3, 0, 1, False, 1, 6),
+    (5, 9, 3, 2, 2, True, 3, 8),
+    (4, 6, 1, 0, 1, True, 2, 5),
+    (6, 3, 5, 2, 1, False, 1, 9),
+]
+
+
+def make_conv(c_in, c_out, kernel, padding, dilation, bias, seed):
+    def make():
+        torch.manual_seed(seed)
+        conv = nn.Conv2d(c_in, c_out, kernel, padding=padding, dilation=dilation, bias=bias)
+        spread_channels(conv, seed)
+        return conv
+
+    return make
+
+
+@pytest.mark.parametrize("case", CONVS)
+def test_conv_products_equal_fake_quant_exactly_where_both_are_exact(case):
+    """At 4 bits every partial sum is a small integer number of steps: float32 is exact too."""
+    c_in, c_out, kernel, padding, dilation, bias, batch, side = case
+    make = make_conv(c_in, c_out, kernel, padding, dilation, bias, seed=sum(case[:5]))
+    x = torch.randn(batch, c_in, side, side, generator=torch.Generator().manual_seed(7))
+    p = precision(4)
+    fake_out, fake_grads = outputs_and_grads(make, x, p, integer=False)
+    int_out, int_grads = outputs_and_grads(make, x, p, integer=True)
+    assert torch.equal(fake_out, int_out)
+    for fake, integer in zip(fake_grads, int_grads, strict=True):
+        assert torch.equal(fake, integer)
+
+
+@pytest.mark.parametrize("case", CONVS)
+@pytest.mark.parametrize("weight_layout", ["channel", "tensor"])
+def test_conv_products_match_at_8_bits_to_float32_accumulation(case, weight_layout):
+    c_in, c_out, kernel, padding, dilation, bias, batch, side = case
+    make = make_conv(c_in, c_out, kernel, padding, dilation, bias, seed=3)
+    x = torch.randn(batch, c_in, side, side, generator=torch.Generator().manual_seed(11))
+    p = precision(8, weight_layout)
+    fake_out, fake_grads = outputs_and_grads(make, x, p, integer=False)
+    int_out, int_grads = outputs_and_grads(make, x, p, integer=True)
+    # the forward outputs pass the output quantizer: equal unless float32 rounding moved one
+    # across a rounding boundary; compare the unrounded products through the gradients too
+    torch.testing.assert_close(int_out, fake_out, rtol=0, atol=2 * fake_out.abs().max() / 64)
+    for fake, integer in zip(fake_grads, int_grads, strict=True):
+        torch.testing.assert_close(integer, fake, rtol=1e-5, atol=1e-6 * fake.abs().max())
+
+
+@pytest.mark.parametrize(("rows", "features_in", "features_out", "bias"), [
+    (1, 3, 5, True), (7, 33, 2, False), (5, 128, 11, True), (2, 1, 1, True),
+])  # fmt: skip
+@pytest.mark.parametrize("bits", [4, 8])
+def test_linear_products_equal_fake_quant(rows, features_in, features_out, bias, bits):
+    def make():
+        torch.manual_seed(features_in)
+        linear = nn.Linear(features_in, features_out, bias=bias)
+        spread_channels(linear, features_out)
+        return linear
+
+    x = torch.randn(rows, features_in, generator=torch.Generator().manual_seed(5))
+    p = precision(bits)
+    fake_out, fake_grads = outputs_and_grads(make, x, p, integer=False)
+    int_out, int_grads = outputs_and_grads(make, x, p, integer=True)
+    for fake, integer in zip([fake_out, *fake_grads], [int_out, *int_grads], strict=True):
+        if bits == 4:
+            assert torch.equal(fake, integer)
+        else:
+            torch.testing.assert_close(integer, fake, rtol=1e-5, atol=1e-6 * fake.abs().max())
+
+
+def test_weights_with_several_exponents_take_one_product_per_exponent():
+    conv = nn.Conv2d(4, 8, 3, padding=1)
+    spread_channels(conv, 0)
+    p = precision(8)
+    quantize_(conv.weight.data, p.weight)
+    codes = codes_on_grid(conv.weight, p.weight)
+    assert codes is not None and codes.steps.unique().numel() > 1
+
+
+def test_layers_without_integer_route_fall_back_and_log_once(caplog):
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),  # the model's input: off the activation grid
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1, groups=2),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, stride=2, padding=1),
+        nn.Flatten(),
+        nn.Linear(6 * 4 * 4, 3),
+    )
+    p = precision(8)
+    for param in model.parameters():
+        quantize_(param.data, p.weight)
+    hooks = attach_quantizers(model, p.activation, p.error, torch.Generator().manual_seed(0))
+    with caplog.at_level(logging.INFO, logger="quantization.integer_arithmetic"):
+        attached = attach_integer_arithmetic(model, p)
+        for _ in range(2):
+            model(torch.randn(2, 3, 8, 8)).sum().backward()
+    hooks.remove()
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("layer 0:" in m and "input is not on its" in m for m in messages) == 1
+    assert sum("layer 2:" in m and "grouped convolution" in m for m in messages) == 1
+    assert sum("layer 4:" in m and "stride (2, 2)" in m for m in messages) == 1
+    assert not any("layer 6:" in m for m in messages)
+    assert set(attached.routes) == {"0", "4", "6"}
+    assert attached.routes["4"].integer_calls == 2 and attached.routes["6"].integer_calls == 2
+    attached.remove()
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
+def test_weights_in_small_blocks_have_no_integer_product():
+    assert integer_layout_problem(BlockFloat(8, layout="block"), (16, 16, 3, 3), True) is not None
+    assert integer_layout_problem(BlockFloat(8, layout="channel"), (16, 16, 3, 3), True) is None
+    assert integer_layout_problem(BlockFloat(8, layout="channel"), (4, 5), False) is not None
+    assert integer_layout_problem(BlockFloat(16, layout="tensor"), (4, 5), False) is not None
+
+
+def test_small_cnn_learns_mnist_on_the_integer_path_with_weights_on_their_grid(monkeypatch):
+    from federated_data import load_image_data
+    from models import SmallCNN
+    from task.training import evaluate_model, make_optimizer, train_local
+    from tests.shared_helpers import mnist_root
+
+    root = mnist_root()
+    train = load_image_data("mnist", root, train=True).subset(torch.arange(2000))
+    test = load_image_data("mnist", root, train=False).subset(torch.arange(1000))
+    torch.manual_seed(0)
+    model = SmallCNN()
+    p = precision(8)
+    generator = torch.Generator().manual_seed(0)
+    optimizer = make_optimizer(model, "adam", 1e-3, p, generator)
+    calls: dict[str, int] = {}
+    attach = attach_integer_arithmetic
+
+    def counting_attach(m, prec):
+        attached = attach(m, prec)
+        calls["layers"] = len(attached)
+        calls["routes"] = attached.routes
+        return attached
+
+    monkeypatch.setattr("task.training.attach_integer_arithmetic", counting_attach)
+    result = train_local(
+        model, optimizer, train, p, epochs=1, batch_size=32, generator=generator,
+        device=torch.device("cpu"), arithmetic="int8",
+    )  # fmt: skip
+    assert calls["layers"] == 3  # both convs and the classifier
+    integer_calls = {name: r.integer_calls for name, r in calls["routes"].items()}
+    assert (
+        integer_calls["features.3"] == result.steps and integer_calls["classifier"] == result.steps
+    )
+    assert all("forward" not in vars(m) for m in model.modules())  # detached after training
+    for param in model.parameters():
+        assert torch.equal(quantize(param.data, BlockFloat(8, "channel", "nearest")), param.data)
+    _, accuracy = evaluate_model(model, test, 256, torch.device("cpu"))
+    assert accuracy > 0.75, accuracy  # chance: 0.1

@@ -34,6 +34,7 @@ from quantization import (
     attach_quantizers,
     encode,
 )
+from quantization.integer_arithmetic import attach_integer_arithmetic
 from task.allocator import retain_freed_memory
 
 RESULTS_PATH = RESULTS_DIR / "quantization.json"
@@ -85,12 +86,15 @@ def precision_at(bits: int, parameter_layout: str) -> TrainingPrecision:
 
 
 def lowp_step_fn(
-    x: torch.Tensor, y: torch.Tensor, precision: TrainingPrecision
+    x: torch.Tensor, y: torch.Tensor, precision: TrainingPrecision, arithmetic: str = "fake"
 ) -> Callable[[], None]:
-    """A closure running one low-precision step (weights ... optimizer state quantized)."""
+    """A closure running one low-precision step (weights ... optimizer state quantized);
+    ``arithmetic="int8"``: conv/linear products on integer codes (``train.arithmetic``)."""
     model = convnet().to(x.device)
     generator = torch.Generator().manual_seed(SEED)
     attach_quantizers(model, precision.activation, precision.error, generator)
+    if arithmetic == "int8":
+        attach_integer_arithmetic(model, precision)
     opt = LowPrecisionOptimizer.from_precision(
         torch.optim.Adam(model.parameters(), lr=1e-3), precision, generator
     )
@@ -135,28 +139,43 @@ def bench_train_step(device: torch.device = CPU, single_thread: bool = False) ->
 
     if single_thread:
         return [Figure("train_step_ratio_8bit_vs_fp32_1thread", ratio("8bit"), "x")]
-    return [
-        Figure("train_step_ratio_8bit_vs_fp32", ratio("8bit"), "x", "<= 1.3"),
-        Figure(
-            "train_step_ratio_8bit_reference_layout_vs_fp32", ratio("8bit_reference_layout"), "x"
-        ),
-    ] + [
-        Figure(
-            f"train_step_{name}_ms",
-            statistics.median(times) * 1e3,
-            "ms",
-            samples=tuple(times),
-        )
-        for name, times in samples.items()
-    ]
+    integer = []  # integer products are CPU-only
+    if "int8" in samples:
+        integer = [Figure("train_step_ratio_int8_vs_fp32", ratio("int8"), "x", "<= 0.67")]
+    return (
+        [
+            Figure("train_step_ratio_8bit_vs_fp32", ratio("8bit"), "x", "<= 1.3"),
+            Figure(
+                "train_step_ratio_8bit_reference_layout_vs_fp32",
+                ratio("8bit_reference_layout"),
+                "x",
+            ),
+            Figure(
+                "train_step_ratio_8bit_channel_layout_vs_fp32", ratio("8bit_channel_layout"), "x"
+            ),
+        ]
+        + integer
+        + [
+            Figure(
+                f"train_step_{name}_ms",
+                statistics.median(times) * 1e3,
+                "ms",
+                samples=tuple(times),
+            )
+            for name, times in samples.items()
+        ]
+    )
 
 
 def _step_seconds(device: torch.device, with_reference_layout: bool) -> dict[str, list[float]]:
     """Seconds per step of each variant, one sample per round, variants alternating order."""
     x, y = (t.to(device) for t in training_batch())
     fns = {"fp32": fp32_step_fn(x, y), "8bit": lowp_step_fn(x, y, precision_at(8, "block"))}
-    if with_reference_layout:
+    if with_reference_layout:  # the multi-threaded run: also the layouts and the integer path
         fns["8bit_reference_layout"] = lowp_step_fn(x, y, precision_at(8, "auto"))
+        fns["8bit_channel_layout"] = lowp_step_fn(x, y, precision_at(8, "channel"))
+        if device.type == "cpu":
+            fns["int8"] = lowp_step_fn(x, y, precision_at(8, "channel"), arithmetic="int8")
     return interleaved_seconds(fns, device)
 
 

@@ -12,7 +12,8 @@ from quantization import BlockFloat, TrainingPrecision, attach_quantizers, quant
 from quantization.integer_arithmetic import attach_integer_arithmetic
 from quantization.integer_ops import codes_on_grid, integer_layout_problem, onednn_int8_conv_exact
 
-pytestmark = pytest.mark.skipif(
+#: Conv layers need oneDNN's int8 convolution, exact on this CPU (else they stay float32).
+needs_onednn = pytest.mark.skipif(
     onednn_int8_conv_exact() is not None, reason=str(onednn_int8_conv_exact())
 )
 
@@ -76,6 +77,7 @@ def make_conv(c_in, c_out, kernel, padding, dilation, bias, seed):
     return make
 
 
+@needs_onednn
 @pytest.mark.parametrize("case", CONVS)
 def test_conv_products_equal_fake_quant_exactly_where_both_are_exact(case):
     """At 4 bits every partial sum is a small integer number of steps: float32 is exact too."""
@@ -90,6 +92,7 @@ def test_conv_products_equal_fake_quant_exactly_where_both_are_exact(case):
         assert torch.equal(fake, integer)
 
 
+@needs_onednn
 @pytest.mark.parametrize("case", CONVS)
 @pytest.mark.parametrize("weight_layout", ["channel", "tensor"])
 def test_conv_products_match_at_8_bits_to_float32_accumulation(case, weight_layout):
@@ -128,15 +131,23 @@ def test_linear_products_equal_fake_quant(rows, features_in, features_out, bias,
             torch.testing.assert_close(integer, fake, rtol=1e-5, atol=1e-6 * fake.abs().max())
 
 
-def test_weights_with_several_exponents_take_one_product_per_exponent():
+def test_spread_weights_make_grad_input_take_one_product_per_exponent():
+    """The equality tests above use such weights, so they cover the exponent groups."""
+    from quantization.integer_ops import _exponent_groups
+
     conv = nn.Conv2d(4, 8, 3, padding=1)
     spread_channels(conv, 0)
     p = precision(8)
     quantize_(conv.weight.data, p.weight)
     codes = codes_on_grid(conv.weight, p.weight)
-    assert codes is not None and codes.steps.unique().numel() > 1
+    assert codes is not None
+    groups = _exponent_groups(codes.steps, 8)
+    assert len(groups) == codes.steps.unique().numel() > 1
+    channels = torch.cat([index for _, index in groups])
+    assert torch.equal(channels.sort().values, torch.arange(8))
 
 
+@needs_onednn
 def test_layers_without_integer_route_fall_back_and_log_once(caplog):
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1),  # the model's input: off the activation grid
@@ -174,6 +185,7 @@ def test_weights_in_small_blocks_have_no_integer_product():
     assert integer_layout_problem(BlockFloat(16, layout="tensor"), (4, 5), False) is not None
 
 
+@needs_onednn
 def test_small_cnn_learns_mnist_on_the_integer_path_with_weights_on_their_grid(monkeypatch):
     from federated_data import load_image_data
     from models import SmallCNN
@@ -212,3 +224,14 @@ def test_small_cnn_learns_mnist_on_the_integer_path_with_weights_on_their_grid(m
         assert torch.equal(quantize(param.data, BlockFloat(8, "channel", "nearest")), param.data)
     _, accuracy = evaluate_model(model, test, 256, torch.device("cpu"))
     assert accuracy > 0.75, accuracy  # chance: 0.1
+
+
+def test_conv_layers_stay_float32_where_onednn_is_inexact(monkeypatch, caplog):
+    monkeypatch.setattr(
+        "quantization.integer_ops.onednn_int8_conv_exact", lambda: "inexact on this CPU (test)"
+    )
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    with caplog.at_level(logging.INFO, logger="quantization.integer_arithmetic"):
+        attached = attach_integer_arithmetic(model, precision(8))
+    assert set(attached.routes) == {"2"}
+    assert any("layer 0:" in r.getMessage() and "inexact" in r.getMessage() for r in caplog.records)

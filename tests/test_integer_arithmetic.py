@@ -235,3 +235,43 @@ def test_conv_layers_stay_float32_where_onednn_is_inexact(monkeypatch, caplog):
         attached = attach_integer_arithmetic(model, precision(8))
     assert set(attached.routes) == {"2"}
     assert any("layer 0:" in r.getMessage() and "inexact" in r.getMessage() for r in caplog.records)
+
+
+@needs_onednn
+def test_clients_on_the_integer_path_upload_updates_the_server_accepts(tmp_path, caplog):
+    """Real ServerApp and ClientApp in process: int8 arithmetic changes no message or file."""
+    import json
+
+    from flwr.app import Context, RecordDict
+
+    from client_app.app import app as client_app
+    from server_app.app import main
+    from tests.flower_harness import InProcessGrid, task_identity
+
+    run_config = {
+        "overrides": "dataset=synthetic model=small_cnn federation.num_rounds=2 "
+        "federation.num_clients=2 federation.fraction_train=1 train.max_steps=3 "
+        "train.arithmetic=int8 quantization.weight_layout=channel",
+        "output-dir": str(tmp_path),
+    }
+    threads = torch.get_num_threads()
+    with caplog.at_level(logging.INFO, logger="quantization.integer_arithmetic"):
+        try:
+            with task_identity():
+                main(
+                    InProcessGrid(client_app, 2, run_config),
+                    Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                            run_config=run_config),
+                )  # fmt: skip
+        finally:
+            torch.set_num_threads(threads)
+    rows = json.loads((tmp_path / "results.json").read_text())["rounds"]
+    assert [r["round"] for r in rows] == [0, 1, 2]  # round 0: the initial model
+    assert all(r["rejected_updates"] == 0 and r["failed_clients"] == 0 for r in rows)
+    # the clients did train on the integer path: only the model's first conv fell back
+    fallbacks = {
+        r.getMessage().split(":")[0]
+        for r in caplog.records
+        if r.name == "quantization.integer_arithmetic"
+    }
+    assert fallbacks == {"layer features.0"}, fallbacks

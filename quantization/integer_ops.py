@@ -33,6 +33,7 @@ Routes, each measured against the float32 op it replaces (``benchmarks.integer_o
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -81,7 +82,8 @@ def integer_layout_problem(
     if not fmt.enabled or fmt.bits > MAX_INTEGER_BITS:
         return f"{fmt.describe()} is not a format of {MAX_INTEGER_BITS} bits or fewer"
     blocks = fmt.num_blocks(shape)
-    if blocks == 1 or (per_channel and len(shape) >= 2 and blocks == shape[0]):
+    one_per_row = len(shape) >= 2 and fmt.block_length(shape) * shape[0] == math.prod(shape)
+    if blocks == 1 or (per_channel and one_per_row):
         return None
     unit = "output channel" if per_channel else "tensor"
     return f"{fmt.describe()} keeps {blocks} exponents, more than one per {unit}"

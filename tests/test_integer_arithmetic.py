@@ -183,6 +183,9 @@ def test_weights_in_small_blocks_have_no_integer_product():
     assert integer_layout_problem(BlockFloat(8, layout="channel"), (16, 16, 3, 3), True) is None
     assert integer_layout_problem(BlockFloat(8, layout="channel"), (4, 5), False) is not None
     assert integer_layout_problem(BlockFloat(16, layout="tensor"), (4, 5), False) is not None
+    # two blocks for two rows, but the blocks do not follow the rows
+    assert integer_layout_problem(BlockFloat(8, "block", block_size=6), (2, 5), True) is not None
+    assert integer_layout_problem(BlockFloat(8, "block", block_size=5), (2, 5), True) is None
 
 
 @needs_onednn

@@ -278,3 +278,16 @@ def test_clients_on_the_integer_path_upload_updates_the_server_accepts(tmp_path,
         if r.name == "quantization.integer_arithmetic"
     }
     assert fallbacks == {"layer features.0"}, fallbacks
+
+
+def test_config_refuses_int8_arithmetic_on_weight_blocks_and_names_the_fix():
+    from task.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="weight_layout=channel"):
+        load_config({"overrides": "dataset=synthetic train.arithmetic=int8"})
+    with pytest.raises(ConfigError, match="train.arithmetic"):
+        load_config({"overrides": "dataset=synthetic train.arithmetic=int4"})
+    cfg = load_config(
+        {"overrides": "dataset=synthetic train.arithmetic=int8 quantization.weight_layout=channel"}
+    )
+    assert cfg.train.arithmetic == "int8"

@@ -139,32 +139,24 @@ def bench_train_step(device: torch.device = CPU, single_thread: bool = False) ->
 
     if single_thread:
         return [Figure("train_step_ratio_8bit_vs_fp32_1thread", ratio("8bit"), "x")]
-    integer = []  # integer products are CPU-only
-    if "int8" in samples:
-        integer = [Figure("train_step_ratio_int8_vs_fp32", ratio("int8"), "x", "<= 0.67")]
-    return (
-        [
-            Figure("train_step_ratio_8bit_vs_fp32", ratio("8bit"), "x", "<= 1.3"),
-            Figure(
-                "train_step_ratio_8bit_reference_layout_vs_fp32",
-                ratio("8bit_reference_layout"),
-                "x",
-            ),
-            Figure(
-                "train_step_ratio_8bit_channel_layout_vs_fp32", ratio("8bit_channel_layout"), "x"
-            ),
-        ]
-        + integer
-        + [
-            Figure(
-                f"train_step_{name}_ms",
-                statistics.median(times) * 1e3,
-                "ms",
-                samples=tuple(times),
-            )
-            for name, times in samples.items()
-        ]
-    )
+    figures = [
+        Figure("train_step_ratio_8bit_vs_fp32", ratio("8bit"), "x", "<= 1.3"),
+        Figure(
+            "train_step_ratio_8bit_reference_layout_vs_fp32", ratio("8bit_reference_layout"), "x"
+        ),
+        Figure("train_step_ratio_8bit_channel_layout_vs_fp32", ratio("8bit_channel_layout"), "x"),
+    ]
+    if "int8" in samples:  # integer products are CPU-only
+        figures.append(Figure("train_step_ratio_int8_vs_fp32", ratio("int8"), "x", "<= 0.67"))
+    return figures + [
+        Figure(
+            f"train_step_{name}_ms",
+            statistics.median(times) * 1e3,
+            "ms",
+            samples=tuple(times),
+        )
+        for name, times in samples.items()
+    ]
 
 
 def _step_seconds(device: torch.device, with_reference_layout: bool) -> dict[str, list[float]]:

@@ -43,11 +43,9 @@ class _Route:
         self.error_fmt = precision.error
         self.logged: set[str] = set()
         self.integer_calls = 0
-        self.fallback_calls = 0
 
     def fallback(self, reason: str) -> None:
-        """Count a float32 product and log its reason, once per reason."""
-        self.fallback_calls += 1
+        """Log that a product runs in float32, once per reason."""
         if reason not in self.logged:
             self.logged.add(reason)
             log.info("layer %s: float32 arithmetic (fake quantization): %s", self.name, reason)

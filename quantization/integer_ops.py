@@ -32,6 +32,7 @@ Routes, each measured against the float32 op it replaces (``benchmarks.integer_o
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from .format import BlockFloat
-from .quantizer import quantize_codes
+from .quantizer import _scales, quantize_codes
 
 #: The zero point that makes int8 codes the uint8 activations oneDNN takes: ``c ^ 0x80 = c+128``.
 _ZERO_POINT = 128
@@ -58,19 +59,14 @@ class Codes:
         """The single step of a per-tensor code (activations, errors)."""
         return float(self.steps.reshape(-1)[0])
 
+    def channel_steps(self) -> torch.Tensor:
+        """One step per slice of dim 0 (a per-tensor step repeated)."""
+        return self.steps.expand(self.codes.shape[0]) if self.steps.numel() == 1 else self.steps
+
     def decode(self) -> torch.Tensor:
         """The float32 values ``code * step``."""
         view = self.steps.reshape(-1, *([1] * (self.codes.dim() - 1)))
         return self.codes.to(torch.float32) * view
-
-
-def _nearest(fmt: BlockFloat) -> BlockFloat:
-    return BlockFloat(fmt.bits, fmt.layout, "nearest", fmt.block_size)
-
-
-def steps_of(exponents: torch.Tensor, bits: int) -> torch.Tensor:
-    """float32 steps ``2^(e - b + 2)`` of int8 block exponents."""
-    return torch.ldexp(torch.ones(exponents.shape), exponents.to(torch.int32) - bits + 2)
 
 
 def integer_layout_problem(
@@ -92,8 +88,9 @@ def integer_layout_problem(
 def codes_on_grid(x: torch.Tensor, fmt: BlockFloat) -> Codes | None:
     """``x`` as codes of ``fmt`` (one exponent, or one per slice of dim 0), or None when ``x``
     is not exactly on that grid (then no integer product computes the same function)."""
-    codes, exponents = quantize_codes(x, _nearest(fmt))
-    result = Codes(codes.to(torch.int8), steps_of(exponents, fmt.bits))
+    codes, exponents = quantize_codes(x, dataclasses.replace(fmt, rounding="nearest"))
+    *_, steps = _scales(exponents, fmt.bits, codes.device)  # the quantizer's own 2^(e-b+2)
+    result = Codes(codes.to(torch.int8), steps)
     if not torch.equal(result.decode(), x.detach().to(torch.float32)):
         return None
     return result
@@ -146,17 +143,15 @@ def conv2d_forward(
     x: Codes, w: Codes, bias: torch.Tensor | None, geometry: ConvGeometry
 ) -> torch.Tensor:
     """``conv2d(x, w) + bias`` as one int8 convolution; ``w`` per output channel or tensor."""
-    steps = w.steps.expand(w.codes.shape[0]) if w.steps.numel() == 1 else w.steps
     return _onednn_conv(
-        x.codes, x.step, w.codes, steps, bias, geometry.stride, geometry.padding,
+        x.codes, x.step, w.codes, w.channel_steps(), bias, geometry.stride, geometry.padding,
         geometry.dilation,
     )  # fmt: skip
 
 
-def _exponent_groups(steps: torch.Tensor, size: int) -> list[tuple[float, torch.Tensor | None]]:
-    """(step, channel indices) per distinct step; indices None when one step covers all."""
-    steps = steps.expand(size) if steps.numel() == 1 else steps
-    distinct, inverse = torch.unique(steps, return_inverse=True)
+def _exponent_groups(w: Codes) -> list[tuple[float, torch.Tensor | None]]:
+    """(step, output channels) per distinct weight step; channels None when one covers all."""
+    distinct, inverse = torch.unique(w.channel_steps(), return_inverse=True)
     if distinct.numel() == 1:
         return [(float(distinct[0]), None)]
     return [(float(step), (inverse == k).nonzero().reshape(-1)) for k, step in enumerate(distinct)]
@@ -173,7 +168,7 @@ def conv2d_grad_input(
     )
     flipped = w.codes.flip(2, 3).transpose(0, 1)  # (in, out, kh, kw)
     grad: torch.Tensor | None = None
-    for step, channels in _exponent_groups(w.steps, w.codes.shape[0]):
+    for step, channels in _exponent_groups(w):
         w_part = flipped if channels is None else flipped.index_select(1, channels)
         dy_part = dy.codes if channels is None else dy.codes.index_select(1, channels)
         steps = torch.full((w_part.shape[0],), step)
@@ -234,7 +229,7 @@ def linear_forward(x: Codes, w: Codes, bias: torch.Tensor | None) -> torch.Tenso
 def linear_grad_input(dy: Codes, w: Codes) -> torch.Tensor:
     """``dL/dx = dy @ w``: one ``_int_mm`` per distinct weight exponent (over its rows)."""
     grad: torch.Tensor | None = None
-    for step, rows in _exponent_groups(w.steps, w.codes.shape[0]):
+    for step, rows in _exponent_groups(w):
         dy_part = dy.codes if rows is None else dy.codes.index_select(1, rows)
         w_part = w.codes if rows is None else w.codes.index_select(0, rows)
         part = _int_mm(dy_part, w_part).to(torch.float32).mul_(dy.step * step)

@@ -141,7 +141,7 @@ def test_spread_weights_make_grad_input_take_one_product_per_exponent():
     quantize_(conv.weight.data, p.weight)
     codes = codes_on_grid(conv.weight, p.weight)
     assert codes is not None
-    groups = _exponent_groups(codes.steps, 8)
+    groups = _exponent_groups(codes)
     assert len(groups) == codes.steps.unique().numel() > 1
     channels = torch.cat([index for _, index in groups])
     assert torch.equal(channels.sort().values, torch.arange(8))

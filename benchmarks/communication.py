@@ -17,11 +17,11 @@ from flwr.app import RecordDict
 from omegaconf import OmegaConf
 
 from benchmarks.report import RESULTS_DIR, Figure, print_figures, write_results
+from lowprec_fl.models import build_model
+from lowprec_fl.task.config import load_config
+from lowprec_fl.task.formats import uplink_format
+from lowprec_fl.task.model import float_buffer_names
 from lowprec_fl.wire import FORMAT_SUFFIX, encode_tensors, float32_size, serialized_size
-from models import build_model
-from task.config import load_config
-from task.formats import uplink_format
-from task.model import float_buffer_names
 
 RESULTS_PATH = RESULTS_DIR / "communication.json"
 #: model -> (channels, classes, image size) of the data it is used with here

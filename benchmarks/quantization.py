@@ -3,7 +3,7 @@
 Run ``python -m benchmarks.quantization``. Prints one line per figure,
 ``<name>: <measured> (target <op> <value>)`` or ``(no target)``, and writes the figures as JSON
 to ``benchmarks/results/quantization.json``. Every baseline is measured in the same run, in
-the same process, under the allocator setting the ClientApp uses (``task/allocator.py``).
+the same process, under the allocator setting the ClientApp uses (``lowprec_fl/task/allocator.py``).
 ``--device cuda`` times only the training steps, on the GPU (``quantization_cuda.json``).
 """
 
@@ -22,8 +22,9 @@ from torch import nn
 
 from benchmarks.report import RESULTS_DIR, Figure, write_results
 from client_app.state import save_optimizer_state
-from federated_data import load_image_data
-from models import ConvNet, resnet18_cifar
+from lowprec_fl.federated_data import load_image_data
+from lowprec_fl.models import ConvNet, resnet18_cifar
+from lowprec_fl.task.allocator import retain_freed_memory
 from quantization import (
     FP32,
     BlockFloat,
@@ -35,7 +36,6 @@ from quantization import (
     encode,
 )
 from quantization.integer_arithmetic import attach_integer_arithmetic
-from task.allocator import retain_freed_memory
 
 RESULTS_PATH = RESULTS_DIR / "quantization.json"
 SEED = 0

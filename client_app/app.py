@@ -18,26 +18,25 @@ from lowprec_fl.protocol import (
     LINEAGE_KEY,
     MESSAGE_SLACK_BYTES,
     METRICS_KEY,
-    PARTITION_KEY,
     PROXIMAL_MU_KEY,
     ROUND_KEY,
     WEIGHT_KEY,
 )
-from lowprec_fl.wire import payload_limit, specs_of
-from task.allocator import retain_freed_memory
-from task.config import load_config, resolve_device
-from task.data import client_data
-from task.formats import (
+from lowprec_fl.task.allocator import retain_freed_memory
+from lowprec_fl.task.config import load_config, resolve_device
+from lowprec_fl.task.formats import (
     client_bits,
     client_downlinks,
     client_quantization,
     training_precision,
     uplink_format,
 )
-from task.model import build_configured_model
-from task.training import evaluate_model, make_optimizer, train_local
+from lowprec_fl.task.model import build_configured_model
+from lowprec_fl.task.training import evaluate_model, make_optimizer, train_local
+from lowprec_fl.wire import payload_limit, specs_of
 
 from .mod import MAX_ROUND, LowPrecisionMod, config_value, round_generator
+from .site import client_site
 from .state import (
     load_optimizer_state,
     read_round_state,
@@ -47,21 +46,10 @@ from .state import (
 )
 
 
-def _partition(cfg: DictConfig, context: Context) -> tuple[int, int]:
-    """(partition id, number of partitions) from the SuperNode's ``--node-config``."""
-    node = context.node_config
-    if PARTITION_KEY not in node:
-        raise ValueError(
-            "this SuperNode has no partition: start it with "
-            "--node-config 'partition-id=<i> num-partitions=<N>'"
-        )
-    return int(node[PARTITION_KEY]), int(node.get("num-partitions", cfg.federation.num_clients))
-
-
 def _quantization(cfg: DictConfig, context: Context) -> DictConfig:
     """The quantization settings of this client: the run's, at the client's own width."""
-    partition_id, _ = _partition(cfg, context)
-    return client_quantization(cfg, client_bits(cfg, context.node_config, partition_id))
+    party = client_site(cfg, context).party
+    return client_quantization(cfg, client_bits(cfg, context.node_config, party))
 
 
 def low_precision_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -71,8 +59,7 @@ def low_precision_mod(msg: Message, context: Context, call_next: ClientAppCallab
     run config, so the mod is made per message (cheap: it holds three values).
     """
     cfg = load_config(context.run_config)
-    partition_id, _ = _partition(cfg, context)
-    bits = client_bits(cfg, context.node_config, partition_id)
+    bits = client_bits(cfg, context.node_config, client_site(cfg, context).party)
     mod = LowPrecisionMod(
         uplink=uplink_format(client_quantization(cfg, bits)),
         downlink=client_downlinks(cfg, bits),
@@ -100,28 +87,28 @@ def _load_model(msg: Message, model: torch.nn.Module) -> None:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round of local low-precision training on this client's partition."""
+    """One round of local low-precision training on this client's data."""
     started = time.perf_counter()
     cfg = load_config(context.run_config)
     torch.set_num_threads(int(cfg.train.threads))
     if cfg.train.retain_freed_memory:
         retain_freed_memory()
-    partition_id, num_partitions = _partition(cfg, context)
+    site = client_site(cfg, context)
     config = msg.content.config_records.get(CONFIG_KEY, {})
     server_round = config_value(config, ROUND_KEY, 0, int, 0, MAX_ROUND)
     device = resolve_device(cfg)
-    train_data, _ = client_data(cfg, partition_id, num_partitions)
+    train_data, _ = site.data(cfg)
     model = build_configured_model(cfg)
     _load_model(msg, model)
     model.to(device)
     precision = training_precision(_quantization(cfg, context))
-    generator = round_generator(cfg.seed, partition_id, server_round)
+    generator = round_generator(cfg.seed, site.party, server_round)
     t = cfg.train
     optimizer = make_optimizer(
         model, t.optimizer, float(t.lr), precision, generator, t.momentum, t.weight_decay
     )
     lineage = config_value(config, LINEAGE_KEY, "", str)
-    state_dir = state_directory(cfg, context.node_config, partition_id, lineage)
+    state_dir = state_directory(cfg, context.node_config, site.name, lineage)
     if t.keep_optimizer_state:
         saved = read_round_state(state_dir, server_round) if state_dir else None
         if saved is None:
@@ -170,8 +157,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received model on this client's local held-out split."""
     cfg = load_config(context.run_config)
     torch.set_num_threads(int(cfg.train.threads))
-    partition_id, num_partitions = _partition(cfg, context)
-    _, test_data = client_data(cfg, partition_id, num_partitions)
+    _, test_data = client_site(cfg, context).data(cfg)
     device = resolve_device(cfg)
     model = build_configured_model(cfg)
     _load_model(msg, model)

@@ -20,13 +20,13 @@ from flwr.common import log
 from omegaconf import DictConfig
 
 from lowprec_fl.protocol import LINEAGE_PATTERN
+from lowprec_fl.task.verified_file import CorruptFileError, load_verified, save_verified
 from lowprec_fl.wire import (
     FORMAT_SUFFIX,
     encode_tensors,
     read_tensors,
 )
 from quantization import FP32, LowPrecisionOptimizer
-from task.verified_file import CorruptFileError, load_verified, save_verified
 
 STATE_KEY = "optimizer-state"
 #: ``--node-config`` key that sets this SuperNode's state directory (wins over the run config).
@@ -69,14 +69,15 @@ def load_optimizer_state(
 
 
 def state_directory(
-    cfg: DictConfig, node_config: Mapping[str, Any], partition_id: int, lineage: str = ""
+    cfg: DictConfig, node_config: Mapping[str, Any], client: str, lineage: str = ""
 ) -> Path | None:
     """This client's state-file folder, or None to keep the state only in ``context.state``.
 
     The root is ``--node-config state-dir=...`` if set, else ``train.state_dir``, else
     ``<output_dir>/client-state`` when ``output_dir`` is set. Below it, ``<lineage>/`` (the id
     the server sends, shared by a run and its resumptions) keeps a fresh run that reuses the
-    folder from picking up the state of an earlier, unrelated run.
+    folder from picking up the state of an earlier, unrelated run; then ``<client>/``, this
+    client's own folder (``ClientSite.name``: ``partition-<i>`` or ``node-<node id>``).
     """
     root = str(node_config.get(STATE_DIR_NODE_KEY) or cfg.train.state_dir)
     if not root and cfg.output_dir:
@@ -88,7 +89,7 @@ def state_directory(
             f"the server sent the run lineage {lineage[:80]!r}, which is not 32 lowercase hex "
             "digits as this project's ServerApp generates: refusing to use it as a folder name"
         )
-    return Path(root, lineage, f"partition-{int(partition_id)}")
+    return Path(root, lineage, client)
 
 
 def _round_files(directory: Path) -> dict[int, Path]:

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lowprec_fl.protocol import DATA_DIR_KEY, NUM_PARTITIONS_KEY, PARTITION_KEY
 from scripts.flwr_local import PROJECT_DIR, flwr_env
 from scripts.processes import terminate
 
@@ -297,18 +298,18 @@ class LoopbackDeployment:
     def start_supernode(
         self,
         key: Path,
-        partition_id: int,
-        num_partitions: int,
+        node_config: str,
+        name: str,
         port: int | None = None,
-        name: str | None = None,
         may_exit: bool = False,
     ) -> ManagedProcess:
-        """``flower-supernode`` with the CA, its auth key and its partition (no waiting).
+        """``flower-supernode`` with the CA, its auth key and ``--node-config`` (no waiting).
 
+        ``node_config`` says where its data is: ``"data-dir='/its/images'"`` (its own folder)
+        or ``"partition-id=0 num-partitions=2"`` (a share of the dataset under ``DATA_ROOT``).
         ``may_exit`` marks a SuperNode expected to stop (e.g. refused): :meth:`wait_online`
         then doesn't treat its exit as a failure.
         """
-        name = name or f"supernode-{partition_id}"
         command = [
             "flower-supernode",
             "--superlink",
@@ -318,7 +319,7 @@ class LoopbackDeployment:
             "--auth-supernode-private-key",
             str(key),
             "--node-config",
-            f"partition-id={partition_id} num-partitions={num_partitions}",
+            node_config,
             "--port",
             str(port or free_port(self.host)),
         ]
@@ -382,31 +383,51 @@ class LoopbackDeployment:
 
 
 # ----------------------------------------------------------------------------- rehearsal
+def partition_node_config(partition_id: int, num_partitions: int) -> str:
+    """``--node-config`` of a SuperNode that trains on a share of the dataset."""
+    return f"{PARTITION_KEY}={partition_id} {NUM_PARTITIONS_KEY}={num_partitions}"
+
+
+def data_dir_node_config(folder: Path) -> str:
+    """``--node-config`` of a SuperNode that trains on its own images in ``folder``."""
+    return f"{DATA_DIR_KEY}='{Path(folder).resolve()}'"
+
+
 def rehearse(
-    workdir: Path, num_supernodes: int, run_config: str, keep_running: bool = False
+    workdir: Path,
+    num_supernodes: int,
+    run_config: str,
+    keep_running: bool = False,
+    port: int | None = None,
+    data_dirs: Sequence[Path] = (),
 ) -> int:
     """Credentials, SuperLink, registration, SuperNodes and one ``flwr run``, on loopback.
 
-    Returns 0 when the run finished with status ``finished:completed`` (``flwr run --stream``
-    itself exits 0 even when the ServerApp failed), 1 otherwise.
+    With ``data_dirs``, one SuperNode per folder trains on its images; otherwise
+    ``num_supernodes`` SuperNodes share the dataset under ``DATA_ROOT``. Returns 0 when the
+    run finished with status ``finished:completed`` (``flwr run --stream`` itself exits 0 even
+    when the ServerApp failed), 1 otherwise. Every process's log stays in ``workdir``.
     """
     from deploy.make_credentials import make_credentials
 
+    configs = [data_dir_node_config(d) for d in data_dirs] or [
+        partition_node_config(i, num_supernodes) for i in range(num_supernodes)
+    ]
     credentials = Credentials(workdir / "credentials")
-    make_credentials(credentials.directory, num_supernodes, force=True)
+    make_credentials(credentials.directory, len(configs), force=True)
     deployment = LoopbackDeployment(workdir, credentials)
+    completed = False
     try:
-        deployment.start_superlink(database=workdir / "superlink_state.db")
+        deployment.start_superlink(port=port, database=workdir / "superlink_state.db")
         print(f"SuperLink on {deployment.address}; logs in {workdir}", flush=True)
-        ids = [
-            deployment.register(credentials.supernode_public_key(i)) for i in range(num_supernodes)
-        ]
-        for i in range(num_supernodes):
-            deployment.start_supernode(credentials.supernode_key(i), i, num_supernodes)
+        keys = [credentials.supernode_public_key(i) for i in range(len(configs))]
+        ids = [deployment.register(key) for key in keys]
+        for i, node_config in enumerate(configs):
+            deployment.start_supernode(credentials.supernode_key(i), node_config, f"supernode-{i}")
         deployment.wait_online(ids)
         print(f"SuperNodes online: {ids}", flush=True)
         done = deployment.run_app(run_config)
-        print(done.stdout[-4000:], done.stderr[-2000:], sep="\n", flush=True)
+        print(done.stdout, done.stderr, sep="\n", flush=True)
         runs = deployment.runs()
         for run in runs:
             print(json.dumps(run, indent=2), flush=True)
@@ -419,21 +440,38 @@ def rehearse(
         return 0 if completed else 1
     finally:
         deployment.stop()
+        print("Logs:", *(f"  {p.name}: {p.log_path}" for p in deployment.processes()), sep="\n")
+        if not completed and deployment.superlink is not None:
+            print(f"--- {deployment.superlink.log_path} ---\n{deployment.superlink.log()}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point: a loopback rehearsal of a secure deployment."""
+    sys.exit(rehearse(**vars(build_parser().parse_args(argv))))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m deploy.processes``."""
     parser = argparse.ArgumentParser(
         prog="python -m deploy.processes",
         description="Rehearse a TLS + SuperNode-authentication deployment on loopback: "
-        "credentials, SuperLink, key registration, SuperNodes, flwr run, flwr list.",
+        "credentials, SuperLink, key registration, SuperNodes, flwr run, flwr list. "
+        "Without --run-config the app runs its full default configuration.",
     )
     parser.add_argument("workdir", type=Path, help="folder for credentials, logs and state")
-    parser.add_argument("--supernodes", type=int, default=2)
+    parser.add_argument("--supernodes", dest="num_supernodes", type=int, default=2)
     parser.add_argument("--run-config", default="", help="as for flwr run --run-config")
+    parser.add_argument("--port", type=int, default=None, help="SuperLink port (default: free)")
+    parser.add_argument(
+        "--data-dir",
+        dest="data_dirs",
+        type=Path,
+        action="append",
+        default=[],
+        help="a SuperNode's own image folder (repeat: one SuperNode each; replaces --supernodes)",
+    )
     parser.add_argument("--keep-running", action="store_true")
-    args = parser.parse_args(argv)
-    sys.exit(rehearse(args.workdir, args.supernodes, args.run_config, args.keep_running))
+    return parser
 
 
 if __name__ == "__main__":

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from federated_data.loading import load_image_data
+from lowprec_fl.federated_data.loading import load_image_data
+from lowprec_fl.task.config import load_config
+from lowprec_fl.task.model import build_configured_model
+from lowprec_fl.task.training import evaluate_model, make_optimizer, train_local
 from quantization import FP32, BlockFloat, LowBitState, StateFormat, TrainingPrecision
-from task.config import load_config
-from task.model import build_configured_model
-from task.training import evaluate_model, make_optimizer, train_local
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results" / "central-state"
 TRAIN_IMAGES, TEST_IMAGES, STEPS, BATCH, LR = 12_000, 5_000, 300, 32, 1e-3

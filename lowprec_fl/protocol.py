@@ -11,8 +11,9 @@ Reply (client -> server): the same two array records for training, at the client
 width (any the server accepts), and ``METRICS_KEY``, a ``MetricRecord`` whose ``WEIGHT_KEY``
 is the number of examples the client used (``PAYLOAD_BYTES_KEY``: the encoded arrays' size).
 
-Node config (a SuperNode's ``--node-config``): ``PARTITION_KEY`` and ``num-partitions`` name
-its data; ``NODE_BITS_KEY`` its mantissa width when it differs from the run's. The server
+Node config (a SuperNode's ``--node-config``): ``DATA_DIR_KEY``, the folder of the device's own
+images (used whole), or in simulation ``PARTITION_KEY`` and ``NUM_PARTITIONS_KEY``, its share
+of a dataset; ``NODE_BITS_KEY`` its mantissa width when it differs from the run's. The server
 sends nothing else: it samples clients without asking nodes anything
 (``strategies.ReproducibleSampling``), and learns a client's width from its replies.
 """
@@ -41,8 +42,11 @@ LINEAGE_KEY = "lineage"
 LINEAGE_PATTERN = re.compile(r"[0-9a-f]{32}")
 #: The metric weighting a reply (Flower's ``weighted_by_key`` default).
 WEIGHT_KEY = "num-examples"
-#: The node-config key of a node's data partition.
+#: The node-config keys of a node's data partition (simulation, rehearsals).
 PARTITION_KEY = "partition-id"
+NUM_PARTITIONS_KEY = "num-partitions"
+#: The node-config key of the folder with a device's own images (deployment).
+DATA_DIR_KEY = "data-dir"
 #: The node-config key of a node's mantissa width (clients at different precisions).
 NODE_BITS_KEY = "precision-bits"
 #: The reply metric with the size of the encoded arrays, in bytes.
@@ -64,6 +68,7 @@ def model_records(content: RecordDict) -> tuple[ArrayRecord, ConfigRecord]:
 __all__ = [
     "ARRAYS_KEY",
     "CONFIG_KEY",
+    "DATA_DIR_KEY",
     "EXPONENT_SUFFIX",
     "FORMAT_SUFFIX",
     "LINEAGE_KEY",
@@ -71,6 +76,7 @@ __all__ = [
     "MESSAGE_SLACK_BYTES",
     "METRICS_KEY",
     "NODE_BITS_KEY",
+    "NUM_PARTITIONS_KEY",
     "PARTITION_KEY",
     "PAYLOAD_BYTES_KEY",
     "PROXIMAL_MU_KEY",

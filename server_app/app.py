@@ -15,14 +15,14 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
+from lowprec_fl.task.config import load_config, resolve_device
+from lowprec_fl.task.data import ExampleBounds, central_test_data, max_client_examples
+from lowprec_fl.task.model import build_configured_model, float_buffer_names
+from lowprec_fl.task.training import evaluate_model
 from lowprec_fl.wire import TensorSpec, specs_of
 from strategies import LowPrecisionStrategy, RoundMetrics
 from strategies.factory import build_strategy
 from strategies.quantized_messages import width_metric
-from task.config import load_config, resolve_device
-from task.data import ExampleBounds, central_test_data, max_client_examples
-from task.model import build_configured_model, float_buffer_names
-from task.training import evaluate_model
 
 from .checkpoint import (
     CHECKPOINT_NAME,
@@ -176,10 +176,6 @@ def _resume(
     return ArrayRecord({name: Array(checkpoint.model[name]) for name in names})
 
 
-def _train_config(cfg: DictConfig) -> ConfigRecord:
-    return ConfigRecord({"lr": float(cfg.train.lr), "local-epochs": int(cfg.train.local_epochs)})
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the configured low-precision federated training and save everything it produced."""
@@ -211,7 +207,9 @@ def main(grid: Grid, context: Context) -> None:
         initial_arrays=initial,
         num_rounds=int(cfg.federation.num_rounds),  # the total: a resumed run continues
         timeout=float(cfg.federation.round_timeout),
-        train_config=_train_config(cfg),
+        # Clients read their training settings from the same run config; the strategy adds the
+        # round, the lineage and (FedProx) mu to this record.
+        train_config=ConfigRecord(),
         evaluate_config=ConfigRecord(),
         evaluate_fn=RoundRecorder(cfg, model, strategy, writer),
     )

@@ -8,8 +8,8 @@ accepted update, Python's ``random`` state (client sampling does not draw from i
 ``strategies/sampling.py``; any other user of ``random`` resumes where it was) and the Flower
 strategy's class, tensor order and None attributes. No pickle. It is written to a
 temporary file and renamed, so a crash never leaves a torn checkpoint, and it carries a sha256
-digest of everything in it (``task.verified_file``): a damaged checkpoint is refused with a
-message naming the file, never loaded into a run.
+digest of everything in it (``lowprec_fl.task.verified_file``): a damaged checkpoint is
+refused with a message naming the file, never loaded into a run.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import numpy as np
 import torch
 
 from lowprec_fl.protocol import LINEAGE_PATTERN
+from lowprec_fl.task.verified_file import CorruptFileError, load_verified, save_verified
 from lowprec_fl.wire import TensorSpec
 from strategies import LowPrecisionStrategy
 from strategies.state import SEPARATOR
 from strategies.wrapper import WRAPPED, nonnegative_int
-from task.verified_file import CorruptFileError, load_verified, save_verified
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 _MODEL, _AVERAGE, _STRATEGY = "model/", "average/", "strategy/"

@@ -8,9 +8,9 @@ from flwr.serverapp import strategy as flwr_strategies
 from flwr.serverapp.strategy import Strategy
 from omegaconf import DictConfig, OmegaConf
 
+from lowprec_fl.task.data import ExampleBounds
+from lowprec_fl.task.formats import accepted_bits, downlink_format, uplink_format
 from lowprec_fl.wire import TensorSpec
-from task.data import ExampleBounds
-from task.formats import accepted_bits, downlink_format, uplink_format
 
 from .low_precision import LowPrecisionStrategy
 from .update_guard import UpdateGuard
@@ -71,7 +71,7 @@ def build_strategy(
     """The low-precision wrapper around the configured inner strategy.
 
     ``bounds`` are the most examples an honest client reports in a round (see
-    ``task.data.max_client_examples``), the default caps on a reply's claimed weight.
+    ``lowprec_fl.task.data.max_client_examples``), the default caps on a reply's claimed weight.
     """
     q, server = cfg.quantization, cfg.server
     return LowPrecisionStrategy(

@@ -14,6 +14,18 @@ from flwr.serverapp.strategy import Strategy
 from .wrapper import StrategyWrapper, nonnegative_int
 
 
+def check_decay(decay: float) -> None:
+    """Raise ``ValueError`` unless the moving-average decay lambda is in [0, 1) (0 = off)."""
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"the moving-average decay must be in [0, 1) (0 = off), got {decay}")
+
+
+def check_start_round(start_round: int) -> None:
+    """Raise ``ValueError`` unless the first averaged round is >= 1."""
+    if start_round < 1:
+        raise ValueError(f"the moving average's first round must be >= 1, got {start_round}")
+
+
 class ServerMovingAverage(StrategyWrapper):
     """``w_bar_t = lam_t * w_bar_{t-1} + (1 - lam_t) * w_t``, started at ``start_round``.
 
@@ -34,10 +46,8 @@ class ServerMovingAverage(StrategyWrapper):
         warmup: bool = False,
     ) -> None:
         super().__init__(strategy)
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"moving-average decay must be in [0, 1), got {decay}")
-        if start_round < 1:
-            raise ValueError(f"moving-average start round must be >= 1, got {start_round}")
+        check_decay(decay)
+        check_start_round(start_round)
         self.decay = decay
         self.start_round = start_round
         self.warmup = warmup

@@ -9,7 +9,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -38,6 +38,8 @@ from .update_guard import RejectedUpdateError, UpdateGuard, model_norm
 from .wrapper import StrategyWrapper, find_wrapper, nonnegative_int
 
 Weighting = Literal["num-examples", "uniform"]
+#: The aggregation weightings: by the claimed number of examples, or equal (the paper).
+WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
 #: The default wire format: 8-bit mantissas, one int8 exponent per 32 values (OCP MXINT8).
 DEFAULT_FORMAT = BlockFloat(8, layout="block")
 #: Largest accepted aggregation weight whatever the guard says: sums stay far from overflow.
@@ -200,8 +202,8 @@ class QuantizedMessages(StrategyWrapper):
         max_failed_rounds: int = 3,
     ) -> None:
         super().__init__(strategy)
-        if weighting not in ("num-examples", "uniform"):
-            raise ValueError(f"weighting must be 'num-examples' or 'uniform', got {weighting!r}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
         self.uplink = uplink
         self.downlink = uplink if downlink is None else downlink
         #: Accepted uplink formats by width: ``uplink`` and the same blocks at other widths.

@@ -5,9 +5,9 @@ This module bounds what a *valid-looking* update can do to the global model:
 
 * **Claimed weight.** A training reply's ``num-examples`` may not exceed ``max_weight``, the
   most examples any honest client can train on in a round (the largest partition's training
-  split times the local epochs, see ``task.data.max_client_examples``); an evaluation reply's
-  may not exceed ``max_eval_weight`` (the largest held-out split). A larger claim is a lie
-  and the reply is rejected.
+  split times the local epochs, see ``lowprec_fl.task.data.max_client_examples``); an
+  evaluation reply's may not exceed ``max_eval_weight`` (the largest held-out split). A
+  larger claim is a lie and the reply is rejected.
 * **Update norm, relative to the model the clients received.** With ``delta_i = w_i - w_ref``
   (float tensors only; integer buffers are counts), a reply is rejected when
   ``||delta_i||_2 > max_norm_ratio * ||w_ref||_2``: no honest round moves a model by many times

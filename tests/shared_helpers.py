@@ -1,8 +1,12 @@
-"""Helpers several test files use: the real-MNIST data root, and editing Flower records."""
+"""Helpers several test files use: the real-MNIST data root, devices' image folders, and
+editing Flower records."""
 
 from __future__ import annotations
 
-from federated_data.loading import load_image_data, resolve_data_root
+import numpy as np
+from PIL import Image
+
+from lowprec_fl.federated_data.loading import load_image_data, resolve_data_root
 
 
 def mnist_root() -> str:
@@ -33,10 +37,10 @@ def configured_strategy(run_config: dict):
     """(strategy, model template, initial ArrayRecord) as the ServerApp builds them."""
     from flwr.app import Array, ArrayRecord
 
+    from lowprec_fl.task.config import load_config
+    from lowprec_fl.task.model import build_configured_model, float_buffer_names
     from lowprec_fl.wire import specs_of
     from strategies.factory import build_strategy
-    from task.config import load_config
-    from task.model import build_configured_model, float_buffer_names
 
     cfg = load_config(run_config)
     model = build_configured_model(cfg)
@@ -63,3 +67,15 @@ def real_flwr_run(
         app_dir=app_dir,
     )
     return code, log.read_text(), out
+
+
+def write_image_folder(data, classes, per_class: int, folder):
+    """Write the first ``per_class`` images of each class in ``classes`` of ``data`` as PNGs
+    in ``folder/<class>/`` (a device's own data, ``ImageFolder`` layout); returns ``folder``."""
+    labels = data.labels.numpy()
+    for c in classes:
+        (folder / str(c)).mkdir(parents=True, exist_ok=True)
+        for i in np.flatnonzero(labels == c)[:per_class]:
+            pixels = data.images[i].permute(1, 2, 0).squeeze(-1).numpy()
+            Image.fromarray(pixels).save(folder / str(c) / f"{i:05d}.png")
+    return folder

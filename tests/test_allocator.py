@@ -12,7 +12,7 @@ import pytest
 # the process still holds afterwards.
 PROBE = """
 import resource, sys, torch
-from task.allocator import retain_freed_memory
+from lowprec_fl.task.allocator import retain_freed_memory
 if sys.argv[1] == "retain":
     assert retain_freed_memory()
 def resident_mib():

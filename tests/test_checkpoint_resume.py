@@ -24,6 +24,9 @@ from client_app.state import (
     state_directory,
     write_round_state,
 )
+from lowprec_fl.task import verified_file
+from lowprec_fl.task.config import load_config
+from lowprec_fl.task.verified_file import load_verified
 from lowprec_fl.wire import FORMAT_SUFFIX, encode_tensors, specs_of
 from quantization import FP32
 from server_app.app import main
@@ -31,9 +34,6 @@ from server_app.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore, sav
 from strategies import state as strategy_state_module
 from strategies.factory import INNER_STRATEGIES, build_strategy
 from strategies.state import state_attributes
-from task import verified_file
-from task.config import load_config
-from task.verified_file import load_verified
 from tests.flower_harness import InProcessGrid, task_identity
 
 NUM_NODES = 4
@@ -147,7 +147,7 @@ def test_killed_run_resumes_to_the_same_final_state(
 
 
 class _OsDyingAtTheRename:
-    """``os`` as ``task.verified_file`` sees it, with the process killed inside ``os.replace``."""
+    """``os`` as ``lowprec_fl.task.verified_file`` sees it, the process killed in ``os.replace``."""
 
     def __init__(self) -> None:
         self.renames: list[tuple[Path, Path]] = []
@@ -347,10 +347,10 @@ def test_client_keeps_the_round_and_the_newest_earlier_one(tmp_path: Path) -> No
 )
 def test_state_directory_node_config_wins(node_config, run_config, expected) -> None:
     cfg = load_config({"overrides": "dataset=synthetic", **run_config})
-    directory = state_directory(cfg, node_config, partition_id=2)
+    directory = state_directory(cfg, node_config, "partition-2")
     assert directory == (None if expected is None else Path(expected))
     lineage = "ab12" * 8  # the server's uuid4().hex form
-    assert state_directory(cfg, node_config, 2, lineage=lineage) == (
+    assert state_directory(cfg, node_config, "partition-2", lineage=lineage) == (
         None if expected is None else Path(expected).parent / lineage / "partition-2"
     )
 

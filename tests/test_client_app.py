@@ -13,7 +13,15 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from omegaconf.errors import ReadonlyConfigError
 
 from client_app.app import app as client_app
+from client_app.site import client_site
 from client_app.state import STATE_KEY
+from lowprec_fl.federated_data import load_image_data
+from lowprec_fl.federated_data.local_folder import LocalDataError
+from lowprec_fl.task.config import ConfigError, load_config, resolve_device, run_config_overrides
+from lowprec_fl.task.data import client_data
+from lowprec_fl.task.formats import downlink_format
+from lowprec_fl.task.model import build_configured_model
+from lowprec_fl.task.training import evaluate_model
 from lowprec_fl.wire import (
     FORMAT_SUFFIX,
     decode_tensors,
@@ -24,12 +32,8 @@ from lowprec_fl.wire import (
 from quantization import BlockFloat, quantize
 from quantization.codec import QuantizedTensor
 from quantization.state_codec import QuantizedState
-from task.config import ConfigError, load_config, resolve_device, run_config_overrides
-from task.data import client_data
-from task.formats import downlink_format
-from task.model import build_configured_model
-from task.training import evaluate_model
 from tests.flower_harness import task_identity
+from tests.shared_helpers import mnist_root, write_image_folder
 
 BASE = "dataset=synthetic model=small_cnn train.max_steps=2 federation.num_clients=4"
 NODE_ID = 201
@@ -361,7 +365,45 @@ def test_node_without_partition_id_gets_a_clear_error(message_type):
     message = _message(run_config, message_type=message_type)
     with pytest.raises(ValueError, match="--node-config") as err:
         client_app(message, _context(run_config, partition_id=None))
-    assert "partition-id" in str(err.value)
+    assert "partition-id" in str(err.value) and "data-dir" in str(err.value)
+
+
+def _device_context(run_config: dict, folder, partition_id: int | None = None) -> Context:
+    context = _context(run_config, partition_id=None)
+    context.node_config["data-dir"] = str(folder)
+    if partition_id is not None:
+        context.node_config["partition-id"] = partition_id
+    return context
+
+
+def test_a_device_trains_on_all_of_its_own_images(tmp_path):
+    mnist = load_image_data("mnist", mnist_root(), train=True)
+    folder = write_image_folder(mnist, (2, 5), 30, tmp_path / "images")
+    run_config = {"overrides": "model=small_cnn train.max_steps=0 partition.test_fraction=0.1"}
+    reply = client_app(_message(run_config), _device_context(run_config, folder))
+    assert reply.content["metrics"]["num-examples"] == 54  # 60 images, 6 held out
+    evaluated = client_app(
+        _message(run_config, message_type="evaluate"), _device_context(run_config, folder)
+    )
+    assert evaluated.content["metrics"]["num-examples"] == 6
+
+
+def test_a_device_is_keyed_by_its_node_id_unless_it_has_a_partition_id(tmp_path):
+    cfg = load_config({"overrides": "dataset=mnist"})
+    site = client_site(cfg, _device_context({}, tmp_path))
+    assert (site.party, site.name, site.data_dir) == (NODE_ID, f"node-{NODE_ID}", str(tmp_path))
+    site = client_site(cfg, _device_context({}, tmp_path, partition_id=3))
+    assert (site.party, site.name) == (3, "partition-3")
+    context = _device_context({}, "")
+    with pytest.raises(ValueError, match="data-dir is empty"):
+        client_site(cfg, context)
+
+
+def test_a_device_with_a_broken_folder_gets_a_clear_error(tmp_path):
+    (tmp_path / "cats").mkdir()
+    run_config = {"overrides": "model=small_cnn"}
+    with pytest.raises(LocalDataError, match=r"not class indices 0..9 of MNIST"):
+        client_app(_message(run_config), _device_context(run_config, tmp_path))
 
 
 def test_partition_id_out_of_range_gets_a_clear_error():

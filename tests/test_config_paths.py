@@ -21,13 +21,13 @@ from safetensors.torch import load_file
 
 import client_app.app as client_module
 from client_app.app import app as client_app
+from lowprec_fl.task.config import load_config
+from lowprec_fl.task.data import client_data
+from lowprec_fl.task.model import build_configured_model
 from lowprec_fl.wire import decode_tensors, read_tensors
 from quantization import BlockFloat, quantize
 from server_app.app import main
 from server_app.checkpoint import CheckpointError
-from task.config import load_config
-from task.data import client_data
-from task.model import build_configured_model
 from tests.flower_harness import InProcessGrid, task_identity
 
 NODES = 3

@@ -1,8 +1,8 @@
 """The CUDA path: same codes as the CPU kernel, low-precision training and state on the GPU.
 
 Skipped without a GPU. Run on a GPU machine with ``pytest tests/test_cuda.py``. This file
-imports only torch, ``quantization``, ``models`` and ``task.training``, so it also runs with
-``--noconftest`` where Flower itself is not installed.
+imports only torch, ``quantization``, ``lowprec_fl.models`` and ``lowprec_fl.task.training``, so
+it also runs with ``--noconftest`` where Flower itself is not installed.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from federated_data import load_image_data
-from models import ConvNet, SmallCNN
+from lowprec_fl.federated_data import load_image_data
+from lowprec_fl.models import ConvNet, SmallCNN
+from lowprec_fl.task.training import evaluate_model, make_optimizer, train_local
 from quantization import (
     BlockFloat,
     LowPrecisionOptimizer,
@@ -23,7 +24,6 @@ from quantization import (
     quantize_codes,
 )
 from quantization import quantizer as quantizer_module
-from task.training import evaluate_model, make_optimizer, train_local
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import ConvNet, resnet18_cifar
+from lowprec_fl.models import ConvNet, resnet18_cifar
 from quantization import FP32, BlockFloat, attach_quantizers, quantize
 from quantization.fake_quant import QUANTIZED_OUTPUT_TYPES, quantize_flow
 from tests.reference_bfp import reference_quantize

@@ -31,12 +31,12 @@ from flwr.common.constant import ErrorCode
 from safetensors.torch import load_file
 
 from client_app.app import app as client_app
+from lowprec_fl.task.config import load_config
+from lowprec_fl.task.model import build_configured_model
 from lowprec_fl.wire import EXPONENT_SUFFIX, encode_tensors
 from quantization import BlockFloat
 from server_app.app import main as server_main
 from strategies import LowPrecisionStrategy, is_traffic_metric
-from task.config import load_config
-from task.model import build_configured_model
 from tests.flower_harness import InProcessGrid
 from tests.shared_helpers import configured_strategy, with_item
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from federated_data import (
+from lowprec_fl.federated_data import (
     BalancedDirichletPartitioner,
     DatasetUnavailableError,
     ImageData,
@@ -182,7 +182,7 @@ def one_torch_thread() -> Iterator[None]:
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_synthetic_is_deterministic_and_learnable() -> None:
-    from models import SmallCNN
+    from lowprec_fl.models import SmallCNN
 
     train = load_image_data("synthetic", None, train=True)
     test = load_image_data("synthetic", None, train=False)

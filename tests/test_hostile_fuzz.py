@@ -54,6 +54,10 @@ from client_app.state import (
     state_directory,
     write_round_state,
 )
+from lowprec_fl.task.config import load_config
+from lowprec_fl.task.formats import downlink_format
+from lowprec_fl.task.model import build_configured_model
+from lowprec_fl.task.verified_file import load_verified, save_verified
 from lowprec_fl.wire import (
     EXPONENT_SUFFIX,
     FORMAT_SUFFIX,
@@ -77,10 +81,6 @@ from server_app.checkpoint import (
 )
 from strategies import LowPrecisionStrategy, is_traffic_metric
 from strategies.update_guard import UpdateGuard
-from task.config import load_config
-from task.formats import downlink_format
-from task.model import build_configured_model
-from task.verified_file import load_verified, save_verified
 from tests.flower_harness import task_identity
 from tests.shared_helpers import with_item
 from tests.test_checkpoint_resume import MODEL
@@ -1171,7 +1171,7 @@ def test_state_directory_stays_inside_the_state_root(
     cfg = _config_with_state_dir(str(root) if where == "run-config" else "")
 
     try:
-        directory = state_directory(cfg, node_config, partition_id, lineage)
+        directory = state_directory(cfg, node_config, f"partition-{partition_id}", lineage)
     except StateDirectoryError as err:
         assert str(err)
         return

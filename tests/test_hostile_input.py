@@ -24,6 +24,9 @@ from client_app.state import (
     write_round_state,
 )
 from lowprec_fl.protocol import LINEAGE_KEY
+from lowprec_fl.task.config import load_config
+from lowprec_fl.task.data import client_data, max_client_examples
+from lowprec_fl.task.verified_file import load_verified, save_verified
 from lowprec_fl.wire import decode_tensors, specs_of
 from server_app.app import main
 from server_app.checkpoint import (
@@ -36,9 +39,6 @@ from server_app.checkpoint import (
 from server_app.results import ResultsWriter
 from strategies import FederationStalledError
 from strategies.update_guard import UpdateGuard
-from task.config import load_config
-from task.data import client_data, max_client_examples
-from task.verified_file import load_verified, save_verified
 from tests.flower_harness import InProcessGrid
 from tests.test_client_app import _context, _message
 from tests.test_client_app import _run_config as _client_run_config
@@ -386,9 +386,9 @@ def test_the_servers_own_lineage_is_accepted(tmp_path: Path):
 def _checkpoint(tmp_path: Path):
     """A real checkpoint after one FedAdam round with the moving average on."""
     cfg = load_config({"overrides": "dataset=synthetic strategy=fedadam"})
+    from lowprec_fl.task.model import build_configured_model, float_buffer_names
     from strategies.factory import build_strategy
     from strategies.state import load_strategy_state
-    from task.model import build_configured_model, float_buffer_names
 
     model = build_configured_model(cfg)
     template = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -510,7 +510,7 @@ def _state_file(tmp_path: Path) -> tuple[Path, RecordDict]:
     context = _context(run_config)
     client_app(_message(run_config, config={LINEAGE_KEY: LINEAGE}), context)
     cfg = load_config(run_config)
-    return state_directory(cfg, {}, 0, LINEAGE), context.state
+    return state_directory(cfg, {}, "partition-0", LINEAGE), context.state
 
 
 def test_a_damaged_client_state_file_is_logged_and_the_client_starts_afresh(
@@ -657,15 +657,15 @@ def test_a_zero_dim_tensor_relabelled_as_one_dim_breaks_the_digest(tmp_path: Pat
     save_verified(tmp_path / "f.safetensors", tensors, {})
     loaded, _ = load_verified(tmp_path / "f.safetensors")
     assert loaded["step"].shape == ()
-    from task.verified_file import digest
+    from lowprec_fl.task.verified_file import digest
 
     assert digest({"step": np.zeros(1, np.float32) + 3}, {}) != digest(tensors, {})
 
 
 def test_no_held_out_split_means_no_evaluation_cap_and_the_server_starts(tmp_path: Path):
     """The paper presets set partition.test_fraction=0: the evaluation cap was 0, an error."""
+    from lowprec_fl.task.data import ExampleBounds
     from strategies.factory import build_update_guard
-    from task.data import ExampleBounds
 
     cfg = load_config({"overrides": "dataset=synthetic partition.test_fraction=0"})
     guard = build_update_guard(cfg, ExampleBounds(train=540, evaluate=0))

@@ -190,9 +190,9 @@ def test_weights_in_small_blocks_have_no_integer_product():
 
 @needs_onednn
 def test_small_cnn_learns_mnist_on_the_integer_path_with_weights_on_their_grid(monkeypatch):
-    from federated_data import load_image_data
-    from models import SmallCNN
-    from task.training import evaluate_model, make_optimizer, train_local
+    from lowprec_fl.federated_data import load_image_data
+    from lowprec_fl.models import SmallCNN
+    from lowprec_fl.task.training import evaluate_model, make_optimizer, train_local
     from tests.shared_helpers import mnist_root
 
     root = mnist_root()
@@ -212,7 +212,7 @@ def test_small_cnn_learns_mnist_on_the_integer_path_with_weights_on_their_grid(m
         calls["routes"] = attached.routes
         return attached
 
-    monkeypatch.setattr("task.training.attach_integer_arithmetic", counting_attach)
+    monkeypatch.setattr("lowprec_fl.task.training.attach_integer_arithmetic", counting_attach)
     result = train_local(
         model, optimizer, train, p, epochs=1, batch_size=32, generator=generator,
         device=torch.device("cpu"), arithmetic="int8",
@@ -281,7 +281,7 @@ def test_clients_on_the_integer_path_upload_updates_the_server_accepts(tmp_path,
 
 
 def test_config_refuses_int8_arithmetic_on_weight_blocks_and_names_the_fix():
-    from task.config import ConfigError, load_config
+    from lowprec_fl.task.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="weight_layout=channel"):
         load_config({"overrides": "dataset=synthetic train.arithmetic=int8"})

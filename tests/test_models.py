@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import MODEL_NAMES, ConvNet, SmallCNN, build_model, resnet18_cifar
+from lowprec_fl.models import MODEL_NAMES, ConvNet, SmallCNN, build_model, resnet18_cifar
 
 
 def _num_params(model: nn.Module) -> int:

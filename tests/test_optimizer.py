@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from federated_data import load_image_data
-from models import ConvNet, SmallCNN
+from lowprec_fl.federated_data import load_image_data
+from lowprec_fl.models import ConvNet, SmallCNN
 from quantization import (
     BlockFloat,
     LowPrecisionOptimizer,

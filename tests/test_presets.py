@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from task.config import load_config
+from lowprec_fl.task.config import load_config
 
 PAPER_DATASETS = {
     "fmnist": "fashion_mnist",

@@ -30,6 +30,8 @@ from omegaconf import OmegaConf
 
 from client_app.app import app as client_app
 from lowprec_fl.protocol import LINEAGE_KEY
+from lowprec_fl.task.config import load_config
+from lowprec_fl.task.model import build_configured_model, float_buffer_names
 from lowprec_fl.wire import (
     TensorSpec,
     decode_tensors,
@@ -40,8 +42,6 @@ from quantization import FP32, BlockFloat, quantize
 from strategies import LowPrecisionStrategy, ServerMovingAverage, is_traffic_metric
 from strategies.factory import build_strategy
 from strategies.quantized_messages import content_digest
-from task.config import load_config
-from task.model import build_configured_model, float_buffer_names
 from tests.flower_harness import InProcessGrid
 from tests.shared_helpers import with_item
 
@@ -873,7 +873,7 @@ def test_moving_average_invalid_decay(decay):
 
 
 def test_moving_average_invalid_start_round():
-    with pytest.raises(ValueError, match="start round must be >= 1"):
+    with pytest.raises(ValueError, match="first round must be >= 1"):
         ServerMovingAverage(FedAvg(), decay=0.5, start_round=0)
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
+from lowprec_fl.models import ConvNet, resnet18_cifar
 from lowprec_fl.wire import (
     EXPONENT_SUFFIX,
     WireFormatError,
@@ -21,7 +22,6 @@ from lowprec_fl.wire import (
     serialized_size,
     specs_of,
 )
-from models import ConvNet, resnet18_cifar
 from quantization import BlockFloat, quantize, quantize_codes
 from quantization.codec import QuantizedTensor
 from tests.shared_helpers import with_item

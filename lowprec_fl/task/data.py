@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
+import numpy as np
 from omegaconf import DictConfig
 
-from federated_data import (
+from lowprec_fl.federated_data import (
     ImageData,
     load_image_data,
     partition_indices,
     train_test_split_indices,
 )
+from lowprec_fl.federated_data.local_folder import load_local_folder
 
 
 def _load(cfg: DictConfig, train: bool) -> ImageData:
@@ -44,6 +47,19 @@ def client_data(
     parts = _partitions(cfg, num_partitions, data.labels.numpy())
     train_idx, test_idx = train_test_split_indices(
         parts[partition_id], cfg.partition.test_fraction, seed=cfg.seed + partition_id
+    )
+    return data.subset(train_idx), data.subset(test_idx)
+
+
+def node_data(cfg: DictConfig, data_dir: str | os.PathLike[str]) -> tuple[ImageData, ImageData]:
+    """(local train split, local held-out split) of a device's own images in ``data_dir``.
+
+    All of it, no partitioning; ``partition.test_fraction`` of it is held out (seeded by
+    ``seed``). See ``lowprec_fl.federated_data.local_folder`` for the folder layouts.
+    """
+    data = load_local_folder(cfg.dataset.name, data_dir, cfg.dataset.pad_to)
+    train_idx, test_idx = train_test_split_indices(
+        np.arange(len(data)), cfg.partition.test_fraction, seed=cfg.seed
     )
     return data.subset(train_idx), data.subset(test_idx)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import re
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,26 +15,26 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from federated_data import DATASET_NAMES, PARTITION_SCHEMES
-from models import MODEL_NAMES
+from lowprec_fl.federated_data import DATASET_NAMES, PARTITION_SCHEMES
+from lowprec_fl.models import MODEL_NAMES
+from lowprec_fl.task.formats import STATE_FORMATS, state_format
+from lowprec_fl.task.training import OPTIMIZERS
 from quantization import BlockFloat
 from quantization.format import LAYOUTS
+from strategies.factory import INNER_STRATEGIES
+from strategies.moving_average import check_decay, check_start_round
+from strategies.quantized_messages import WEIGHTINGS
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-#: Run-config keys with a meaning of their own; every other key is a Hydra override.
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
+#: ``conf/``: shipped inside the package by a wheel install, at the repository root otherwise.
+CONF_DIR = next(
+    (d for d in (_PACKAGE_DIR / "conf", _PACKAGE_DIR.parent / "conf") if d.is_dir()),
+    _PACKAGE_DIR.parent / "conf",
+)
+#: Run-config keys with a meaning of their own; every other key (``[tool.flwr.app.config]`` in
+#: pyproject.toml declares them) is the Hydra key of the same name.
 FREE_FORM_KEY = "overrides"
 OUTPUT_DIR_KEY = "output-dir"
-STRATEGY_NAMES = (
-    "fedavg",
-    "fedprox",
-    "fedadam",
-    "fedyogi",
-    "fedadagrad",
-    "fedavgm",
-    "fedmedian",
-    "fedtrimmedavg",
-)
-OPTIMIZER_NAMES = ("adam", "adamw", "sgd")
 #: train.arithmetic: float32 products of grid values, or int8 products (integer_arithmetic).
 ARITHMETICS = ("fake", "int8")
 BIT_KEYS = (
@@ -56,7 +56,8 @@ def run_config_overrides(run_config: Mapping[str, Any]) -> list[str]:
     """Hydra overrides from Flower's run config (``--run-config``); empty values are skipped.
 
     ``overrides`` holds free-form Hydra overrides, ``output-dir`` sets ``output_dir``, and every
-    other key (e.g. ``federation.num_rounds`` or ``quantization``) maps 1:1 onto an override.
+    other key (e.g. ``federation.num_rounds`` or the config group ``quantization``) is the Hydra
+    key of the same name: ``{"federation.num_rounds": 20}`` -> ``federation.num_rounds=20``.
     """
     overrides: list[str] = []
     for key, value in run_config.items():
@@ -115,10 +116,17 @@ def validate_config(cfg: DictConfig) -> None:
         if not ok:
             problems.append(f"{key}={OmegaConf.select(cfg, key)!r}: {rule}")
 
+    def checked(key: str, check: Callable[[Any], None], value: Any) -> None:
+        try:
+            check(value)
+        except (ValueError, TypeError) as err:
+            problems.append(f"{key}={value!r}: {err}")
+
     fed, part, train, server = cfg.federation, cfg.partition, cfg.train, cfg.server
     require(cfg.dataset.name in DATASET_NAMES, "dataset.name", f"use one of {DATASET_NAMES}")
     require(cfg.model.name in MODEL_NAMES, "model.name", f"use one of {MODEL_NAMES}")
-    require(cfg.strategy.name in STRATEGY_NAMES, "strategy.name", f"use one of {STRATEGY_NAMES}")
+    strategies = tuple(INNER_STRATEGIES)
+    require(cfg.strategy.name in strategies, "strategy.name", f"use one of {strategies}")
     require(cfg.device in ("auto", "cpu", "cuda"), "device", "use auto, cpu or cuda")
     require(
         cfg.device != "cuda" or torch.cuda.is_available(),
@@ -147,7 +155,8 @@ def validate_config(cfg: DictConfig) -> None:
     )
     require(train.local_epochs >= 1, "train.local_epochs", "must be >= 1")
     require(train.batch_size >= 1, "train.batch_size", "must be >= 1")
-    require(train.optimizer in OPTIMIZER_NAMES, "train.optimizer", f"use one of {OPTIMIZER_NAMES}")
+    optimizers = tuple(OPTIMIZERS)
+    require(train.optimizer in optimizers, "train.optimizer", f"use one of {optimizers}")
     require(train.lr > 0, "train.lr", "must be > 0")
     require(train.max_steps >= 0, "train.max_steps", "must be >= 0 (0 = no cap)")
     require(train.threads >= 1, "train.threads", "must be >= 1")
@@ -157,13 +166,9 @@ def validate_config(cfg: DictConfig) -> None:
         "train.state_dir",
         "must be an absolute path or empty (the ClientApp runs in the SuperNode's directory)",
     )
-    require(0 <= server.moving_average < 1, "server.moving_average", "must be in [0, 1)")
-    require(server.moving_average_start >= 1, "server.moving_average_start", "must be >= 1")
-    require(
-        server.weighting in ("num-examples", "uniform"),
-        "server.weighting",
-        "use num-examples or uniform",
-    )
+    checked("server.moving_average", check_decay, server.moving_average)
+    checked("server.moving_average_start", check_start_round, server.moving_average_start)
+    require(server.weighting in WEIGHTINGS, "server.weighting", f"use one of {WEIGHTINGS}")
     require(server.eval_batch_size >= 1, "server.eval_batch_size", "must be >= 1")
     require(server.max_num_examples >= 0, "server.max_num_examples", "must be >= 0 (0 = auto)")
     require(
@@ -190,12 +195,10 @@ def validate_config(cfg: DictConfig) -> None:
         "train.arithmetic=int8 needs one weight exponent per output channel or per tensor: "
         "set quantization.weight_layout=channel (or tensor)",
     )
-    require(q.state_format in ("lowbit", "bfp"), "quantization.state_format", "use lowbit or bfp")
-    require(
-        q.state_format != "lowbit" or int(q.state_bits) in (4, 8, 32),
-        "quantization.state_bits",
-        "lowbit state has 4 or 8 bits (32 = float32); use state_format=bfp for other widths",
-    )
+    formats = STATE_FORMATS
+    require(q.state_format in formats, "quantization.state_format", f"use one of {formats}")
+    if q.state_format in formats:
+        checked("quantization.state_bits", lambda _: state_format(q), q.state_bits)
     for key in BIT_KEYS:
         try:
             BlockFloat(int(q[key]), q.wire_layout, q.rounding, int(q.block_size))

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from federated_data import ImageData
+from lowprec_fl.federated_data import ImageData
 from quantization import LowPrecisionOptimizer, TrainingPrecision, attach_quantizers
 from quantization.integer_arithmetic import attach_integer_arithmetic
 
@@ -21,6 +22,20 @@ class TrainResult:
     steps: int
 
 
+#: Config names of the torch optimizers a client can train with, and how each is built.
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adam": lambda params, lr, momentum, weight_decay: torch.optim.Adam(
+        params, lr=lr, weight_decay=weight_decay
+    ),
+    "adamw": lambda params, lr, momentum, weight_decay: torch.optim.AdamW(
+        params, lr=lr, weight_decay=weight_decay
+    ),
+    "sgd": lambda params, lr, momentum, weight_decay: torch.optim.SGD(
+        params, lr=lr, momentum=momentum, weight_decay=weight_decay
+    ),
+}
+
+
 def make_optimizer(
     model: nn.Module,
     name: str,
@@ -31,15 +46,9 @@ def make_optimizer(
     weight_decay: float = 0.0,
 ) -> LowPrecisionOptimizer:
     """A torch optimizer wrapped to keep weights, gradients and state in low precision."""
-    params = model.parameters()
-    if name == "adam":
-        inner = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    elif name == "adamw":
-        inner = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    elif name == "sgd":
-        inner = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    else:
-        raise ValueError(f"unknown optimizer {name!r}: use adam, adamw or sgd")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}: use one of {tuple(OPTIMIZERS)}")
+    inner = OPTIMIZERS[name](model.parameters(), lr, momentum, weight_decay)
     return LowPrecisionOptimizer.from_precision(inner, precision, generator)
 
 

@@ -1,13 +1,13 @@
 """Datasets as uint8 tensors and their federated partitioning."""
 
-from federated_data.images import ImageData
-from federated_data.loading import (
+from lowprec_fl.federated_data.images import ImageData
+from lowprec_fl.federated_data.loading import (
     DATASET_NAMES,
     DatasetUnavailableError,
     load_image_data,
     resolve_data_root,
 )
-from federated_data.partitioning import (
+from lowprec_fl.federated_data.partitioning import (
     PARTITION_SCHEMES,
     BalancedDirichletPartitioner,
     balanced_dirichlet_split,

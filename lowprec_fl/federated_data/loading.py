@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from federated_data.images import ImageData
+from lowprec_fl.federated_data.images import ImageData
 
 DEFAULT_DATA_ROOT = "~/.cache/lowprec-fl/data"
 DOWNLOAD_SOCKET_TIMEOUT_S = 20.0
@@ -32,17 +32,17 @@ class _Spec:
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    channels: int
+    side: int  # images are side x side
 
 
+_CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+_CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 _SPECS: dict[str, _Spec] = {
-    "mnist": _Spec("MNIST", "MNIST/raw", 10, (0.1307,), (0.3081,)),
-    "fashion_mnist": _Spec("FashionMNIST", "FashionMNIST/raw", 10, (0.2860,), (0.3530,)),
-    "cifar10": _Spec(
-        "CIFAR10", "cifar-10-batches-py", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-    ),
-    "cifar100": _Spec(
-        "CIFAR100", "cifar-100-python", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-    ),
+    "mnist": _Spec("MNIST", "MNIST/raw", 10, (0.1307,), (0.3081,), 1, 28),
+    "fashion_mnist": _Spec("FashionMNIST", "FashionMNIST/raw", 10, (0.2860,), (0.3530,), 1, 28),
+    "cifar10": _Spec("CIFAR10", "cifar-10-batches-py", 10, *_CIFAR10_STATS, 3, 32),
+    "cifar100": _Spec("CIFAR100", "cifar-100-python", 100, *_CIFAR100_STATS, 3, 32),
 }
 #: Synthetic sets (no download): name -> (channels, side), MNIST's and CIFAR's shapes.
 _SYNTHETIC_SHAPES: dict[str, tuple[int, int]] = {"synthetic": (1, 28), "synthetic_rgb": (3, 32)}
@@ -55,6 +55,11 @@ def resolve_data_root(root: str | os.PathLike[str] | None = None) -> str:
     return os.path.abspath(os.path.expanduser(chosen))
 
 
+def dataset_key(name: str) -> str:
+    """The canonical spelling of a dataset name (``Fashion-MNIST`` -> ``fashion_mnist``)."""
+    return name.lower().replace("-", "_")
+
+
 def load_image_data(
     name: str, root: str | None, train: bool, pad_to: int | None = None
 ) -> ImageData:
@@ -63,7 +68,7 @@ def load_image_data(
     The cached object is shared by every caller in the process: use `subset` (which copies)
     rather than modifying its tensors in place.
     """
-    key = name.lower().replace("-", "_")
+    key = dataset_key(name)
     if key not in DATASET_NAMES:
         raise ValueError(f"Unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
     if pad_to is not None and pad_to < 1:

@@ -12,6 +12,8 @@ from quantization import FP32, BlockFloat, LowBitState, TrainingPrecision
 
 #: The quantization keys a client at another width sets to it: training and upload.
 CLIENT_WIDTH_KEYS = ("weight_bits", "grad_bits", "activation_bits", "error_bits", "uplink_bits")
+#: quantization.state_format: code maps with scales (``LowBitState``), or the weight grid.
+STATE_FORMATS = ("lowbit", "bfp")
 
 
 def _fmt(bits: int, layout: str, q: DictConfig) -> BlockFloat:
@@ -27,16 +29,23 @@ def training_precision(q: DictConfig) -> TrainingPrecision:
         grad=_fmt(q.grad_bits, q.weight_layout, q),
         activation=_fmt(q.activation_bits, "tensor", q),
         error=_fmt(q.error_bits, "tensor", q),
-        state=_state(q),
+        state=state_format(q),
     )
 
 
-def _state(q: DictConfig) -> BlockFloat | LowBitState:
+def state_format(q: DictConfig) -> BlockFloat | LowBitState:
     """The optimizer state's format: ``state_format`` ``lowbit`` (code maps, 8 or 4 bits) or
-    ``bfp`` (the weight grid); 32 bits is float32 either way."""
+    ``bfp`` (the weight grid); 32 bits is float32 either way. Raises ``ValueError``."""
     bits = int(q.state_bits)
+    if q.state_format not in STATE_FORMATS:
+        raise ValueError(f"use one of {STATE_FORMATS}, got {q.state_format!r}")
     if bits != FP32.bits and q.state_format == "lowbit":
-        return LowBitState.at(bits)
+        try:
+            return LowBitState.at(bits)
+        except ValueError as err:
+            raise ValueError(
+                f"{err} (32 = float32); use state_format=bfp for other widths"
+            ) from None
     return _fmt(bits, q.weight_layout, q)
 
 

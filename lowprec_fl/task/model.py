@@ -6,7 +6,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from models import build_model
+from lowprec_fl.models import build_model
 
 from .data import data_shape
 

@@ -1,6 +1,8 @@
 """Generate everything a secure Flower deployment needs, with the ``cryptography`` library.
 
     python -m deploy.make_credentials OUT_DIR --supernodes N [--host HOST ...]
+    python -m deploy.make_credentials OUT_DIR --renew-server [--host HOST ...]
+    python -m deploy.make_credentials OUT_DIR --keys-only --supernodes 1 --first-index K
 
 Writes into ``OUT_DIR``:
 
@@ -14,7 +16,15 @@ Writes into ``OUT_DIR``:
   pairs, ECDSA P-384 in OpenSSH format (what ``flower-supernode --auth-supernode-private-key``
   and ``flwr supernode register`` read). Only the ``.pub`` files go to the SuperLink operator.
 
-Private keys are written with mode 0600. Existing files are kept unless ``--force`` is given.
+Validity: the CA for ``CA_DAYS`` (10 years), the SuperLink certificate for ``--days``
+(``SERVER_DAYS``, 825 days, the longest browsers accept; Flower does not check a maximum).
+SuperNode keys do not expire: a node is revoked by unregistering it on the SuperLink
+(``flwr supernode unregister``).
+
+Private keys are written with mode 0600. Existing files are kept unless ``--force`` is given
+(which replaces the CA and every key: every SuperNode must then be registered again).
+``--renew-server`` re-issues only ``server.pem`` / ``server.key`` from the existing CA, for a
+certificate about to expire or new ``--host`` names: SuperNodes and the CLI keep working.
 ``--keys-only --first-index K`` adds SuperNode key pairs K, K+1, ... to an existing folder
 (a node whose key was unregistered needs a new one: Flower never accepts that key again).
 """
@@ -36,6 +46,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 #: Names every server certificate covers, so loopback connections always verify.
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 CURVE = ec.SECP384R1
+CA_DAYS = 3650
+SERVER_DAYS = 825
 
 
 def _new_key() -> ec.EllipticCurvePrivateKey:
@@ -58,7 +70,7 @@ def _general_name(host: str) -> x509.GeneralName:
         return x509.DNSName(host)
 
 
-def make_ca(days: int = 3650) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def make_ca(days: int = CA_DAYS) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A self-signed CA certificate and its key."""
     key = _new_key()
     now = datetime.datetime.now(datetime.UTC)
@@ -96,7 +108,7 @@ def make_server_certificate(
     ca_cert: x509.Certificate,
     ca_key: ec.EllipticCurvePrivateKey,
     hosts: Sequence[str],
-    days: int = 825,
+    days: int = SERVER_DAYS,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A TLS server certificate signed by the CA, with SANs for ``hosts`` and loopback."""
     names = list(dict.fromkeys([*hosts, *LOOPBACK_NAMES]))
@@ -204,14 +216,63 @@ def make_credentials(
     return paths
 
 
+def renew_server_certificate(
+    out_dir: Path, hosts: Sequence[str] = ("127.0.0.1",), days: int = SERVER_DAYS
+) -> dict[str, Path]:
+    """Re-issue ``server.pem`` / ``server.key`` from the CA in ``out_dir``; nothing else changes.
+
+    Restart the SuperLink with the new files; SuperNodes and the CLI trust the same CA.
+    """
+    ca_cert_path, ca_key_path = out_dir / "ca.crt", out_dir / "ca.key"
+    missing = [str(p) for p in (ca_cert_path, ca_key_path) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"cannot renew the server certificate without the CA: {missing} missing (a new CA "
+            "means new credentials for every node: make them without --renew-server, --force)"
+        )
+    ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or (
+        ca_key.public_key().public_numbers() != ca_cert.public_key().public_numbers()
+    ):
+        raise ValueError(f"{ca_key_path} is not the key of {ca_cert_path}")
+    cert, key = make_server_certificate(ca_cert, ca_key, hosts, days)
+    paths = {"server.pem": out_dir / "server.pem", "server.key": out_dir / "server.key"}
+    _write(paths["server.pem"], cert.public_bytes(serialization.Encoding.PEM), False, force=True)
+    _write(paths["server.key"], _pem_key(key), True, force=True)
+    return paths
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.renew_server:
+            paths = renew_server_certificate(args.out_dir, args.host or ["127.0.0.1"], args.days)
+        else:
+            paths = make_credentials(
+                args.out_dir,
+                args.supernodes,
+                args.host or ["127.0.0.1"],
+                args.force,
+                keys_only=args.keys_only,
+                first_index=args.first_index,
+            )
+    except (FileExistsError, FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"error: {err}\n")
+    for name, path in paths.items():
+        print(f"wrote {path}" + ("  (private: keep it secret)" if name.endswith(".key") else ""))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m deploy.make_credentials``."""
     parser = argparse.ArgumentParser(
         prog="python -m deploy.make_credentials", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("out_dir", type=Path, help="folder to write the files into")
     parser.add_argument(
-        "--supernodes", type=int, required=True, help="number of SuperNode key pairs"
+        "--supernodes", type=int, default=0, help="number of SuperNode key pairs (default 0)"
     )
     parser.add_argument(
         "--host",
@@ -229,20 +290,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--first-index", type=int, default=0, help="number of the first SuperNode key pair"
     )
-    args = parser.parse_args(argv)
-    try:
-        paths = make_credentials(
-            args.out_dir,
-            args.supernodes,
-            args.host or ["127.0.0.1"],
-            args.force,
-            keys_only=args.keys_only,
-            first_index=args.first_index,
-        )
-    except (FileExistsError, ValueError) as err:
-        parser.exit(2, f"error: {err}\n")
-    for name, path in paths.items():
-        print(f"wrote {path}" + ("  (private: keep it secret)" if name.endswith(".key") else ""))
+    parser.add_argument(
+        "--renew-server",
+        action="store_true",
+        help="re-issue only the SuperLink certificate, from the CA already in OUT_DIR",
+    )
+    parser.add_argument(
+        "--days",
+        type=int,
+        default=SERVER_DAYS,
+        help=f"validity of the SuperLink certificate (default {SERVER_DAYS})",
+    )
+    return parser
 
 
 if __name__ == "__main__":

@@ -223,3 +223,42 @@ def test_private_keys_are_never_readable_by_others_while_written(
     keys = {name: mode for name, mode in modes.items() if name.endswith(".key")}
     assert set(keys) >= {"ca.key", "server.key", "supernode-0.key"}, modes
     assert all(mode == 0o600 for mode in keys.values()), keys
+
+
+def test_renew_server_reissues_only_the_server_certificate(tmp_path: Path, capsys) -> None:
+    main([str(tmp_path), "--supernodes", "2", "--host", "10.0.0.1"])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    old_server = _cert(tmp_path / "server.pem")
+    main([str(tmp_path), "--renew-server", "--host", "link.example.org", "--days", "30"])
+    assert "server.pem" in capsys.readouterr().out
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    changed = {name for name in after if after[name] != before[name]}
+    assert changed == {"server.pem", "server.key"}  # CA and SuperNode keys untouched
+    server = _cert(tmp_path / "server.pem")
+    server.verify_directly_issued_by(_cert(tmp_path / "ca.crt"))  # trusted as before
+    assert server.serial_number != old_server.serial_number
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "link.example.org" in san.get_values_for_type(x509.DNSName)
+    lifetime = server.not_valid_after_utc - server.not_valid_before_utc
+    assert round(lifetime.total_seconds() / 86400) == 30
+    assert stat.S_IMODE((tmp_path / "server.key").stat().st_mode) == 0o600
+    assert _handshake(tmp_path, "link.example.org") == b"ok"
+
+
+def test_renew_server_needs_the_ca_that_issued_the_credentials(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--renew-server"])
+    assert "ca.crt" in capsys.readouterr().err
+    make_credentials(tmp_path / "a", 0)
+    make_credentials(tmp_path / "b", 0)
+    (tmp_path / "a" / "ca.key").write_bytes((tmp_path / "b" / "ca.key").read_bytes())
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "a"), "--renew-server"])
+    assert "is not the key of" in capsys.readouterr().err
+
+
+def test_validity_periods_are_the_documented_ones(creds: Path) -> None:
+    for name, days in (("ca.crt", 3650), ("server.pem", 825)):
+        cert = _cert(creds / name)
+        lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+        assert round(lifetime.total_seconds() / 86400) == days, name

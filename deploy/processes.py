@@ -25,7 +25,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lowprec_fl.protocol import DATA_DIR_KEY, NUM_PARTITIONS_KEY, PARTITION_KEY
+from deploy.compose import host_command, host_environment, load_services
+from lowprec_fl.federated_data import resolve_data_root
+from lowprec_fl.protocol import NUM_PARTITIONS_KEY, PARTITION_KEY
 from scripts.flwr_local import PROJECT_DIR, flwr_env
 from scripts.processes import terminate
 
@@ -172,7 +174,12 @@ class LoopbackDeployment:
         return env
 
     def _start(
-        self, name: str, command: list[str], home: Path, may_exit: bool = False
+        self,
+        name: str,
+        command: list[str],
+        home: Path,
+        may_exit: bool = False,
+        env: dict[str, str] | None = None,
     ) -> ManagedProcess:
         cwd = self.workdir / name
         cwd.mkdir(parents=True, exist_ok=True)
@@ -182,7 +189,7 @@ class LoopbackDeployment:
             popen = subprocess.Popen(
                 command,
                 cwd=cwd,
-                env=self.env(home),
+                env=self.env(home) | (env or {}),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -200,29 +207,35 @@ class LoopbackDeployment:
         return f"{self.host}:{self.superlink_port}"
 
     def start_superlink(
-        self, port: int | None = None, database: Path | None = None, timeout: float = 60
+        self, port: int | None = None, data_root: Path | None = None, timeout: float = 60
     ) -> ManagedProcess:
-        """``flower-superlink`` with TLS and ``--enable-supernode-auth``; waits until it serves."""
+        """compose.yaml's ``superlink``: TLS, ``--enable-supernode-auth``, its state database.
+
+        Its mounts map onto ``workdir`` (``superlink-state/``, ``outputs/``), the credentials,
+        and ``data_root`` (the ServerApp's test set; default: this process's ``DATA_ROOT``).
+        Waits until it serves.
+        """
         self.superlink_port = port or free_port(self.host)
         c = self.credentials
-        command = [
-            "flower-superlink",
-            "--ssl-ca-certfile",
-            str(c.ca),
-            "--ssl-certfile",
-            str(c.server_cert),
-            "--ssl-keyfile",
-            str(c.server_key),
-            "--enable-supernode-auth",
-            "--host",
-            self.host,
-            "--port",
-            str(self.superlink_port),
-            "--disable-runtime-dependency-installation",
-        ]
-        if database is not None:
-            command += ["--database", str(database)]
-        self.superlink = self._start("superlink", command, self.workdir / "superlink_home")
+        data = data_root or Path(resolve_data_root(self.extra_env.get("DATA_ROOT")))
+        sources = {
+            "./credentials/ca.crt": c.ca,
+            "./credentials/server.pem": c.server_cert,
+            "./credentials/server.key": c.server_key,
+            "./server-data": data,
+            "./superlink-state": self.workdir / "superlink-state",
+            "./outputs": self.workdir / "outputs",
+        }
+        for folder in ("superlink-state", "outputs"):
+            (self.workdir / folder).mkdir(exist_ok=True)
+        env = {"SUPERLINK_PORT": str(self.superlink_port), "SUPERLINK_BIND": self.host}
+        command = host_command("superlink", sources, env)
+        self.superlink = self._start(
+            "superlink",
+            command,
+            self.workdir / "superlink_home",
+            env=host_environment("superlink", sources),
+        )
         self.write_connection_config()
         self._wait_for(
             lambda: "Application startup complete" in self.superlink.log(),
@@ -297,32 +310,36 @@ class LoopbackDeployment:
     # ------------------------------------------------------------------ SuperNodes
     def start_supernode(
         self,
+        index: int,
         key: Path,
-        node_config: str,
-        name: str,
-        port: int | None = None,
+        data_dir: Path | None = None,
+        node_config: str | None = None,
+        name: str | None = None,
         may_exit: bool = False,
     ) -> ManagedProcess:
-        """``flower-supernode`` with the CA, its auth key and ``--node-config`` (no waiting).
+        """compose.yaml's ``supernode-<index>`` with ``key`` and ``data_dir`` mounted (no wait).
 
-        ``node_config`` says where its data is: ``"data-dir='/its/images'"`` (its own folder)
-        or ``"partition-id=0 num-partitions=2"`` (a share of the dataset under ``DATA_ROOT``).
-        ``may_exit`` marks a SuperNode expected to stop (e.g. refused): :meth:`wait_online`
-        then doesn't treat its exit as a failure.
+        ``node_config`` replaces its ``--node-config`` (e.g. ``partition_node_config``: a share
+        of the dataset under ``DATA_ROOT`` instead of a folder of its own). Each SuperNode also
+        gets a free ``--port``: on one host they cannot all take the default 9094, as they do
+        in their own containers. ``may_exit`` marks a SuperNode expected to stop (e.g.
+        refused): :meth:`wait_online` then doesn't treat its exit as a failure.
         """
-        command = [
-            "flower-supernode",
-            "--superlink",
-            self.address,
-            "--root-certificates",
-            str(self.credentials.ca),
-            "--auth-supernode-private-key",
-            str(key),
-            "--node-config",
-            node_config,
-            "--port",
-            str(port or free_port(self.host)),
-        ]
+        services = load_services()
+        service = f"supernode-{index}" if f"supernode-{index}" in services else "supernode-0"
+        own = service.removeprefix("supernode-")
+        sources = {
+            "./credentials/ca.crt": self.credentials.ca,
+            f"./credentials/supernode-{own}.key": key,
+            f"./device-data/{own}": data_dir or self.workdir / "no-device-data",
+        }
+        env = {"SUPERLINK_HOST": self.host, "SUPERLINK_PORT": str(self.superlink_port)}
+        command = host_command(service, sources, env, services)
+        if node_config is not None:
+            command = [a for a in command if not a.startswith("--node-config=")]
+            command.append(f"--node-config={node_config}")
+        command += ["--port", str(free_port(self.host))]
+        name = name or f"supernode-{index}"
         process = self._start(name, command, self.workdir / f"{name}_home", may_exit)
         self.supernodes.append(process)
         return process
@@ -388,11 +405,6 @@ def partition_node_config(partition_id: int, num_partitions: int) -> str:
     return f"{PARTITION_KEY}={partition_id} {NUM_PARTITIONS_KEY}={num_partitions}"
 
 
-def data_dir_node_config(folder: Path) -> str:
-    """``--node-config`` of a SuperNode that trains on its own images in ``folder``."""
-    return f"{DATA_DIR_KEY}='{Path(folder).resolve()}'"
-
-
 def rehearse(
     workdir: Path,
     num_supernodes: int,
@@ -410,20 +422,21 @@ def rehearse(
     """
     from deploy.make_credentials import make_credentials
 
-    configs = [data_dir_node_config(d) for d in data_dirs] or [
-        partition_node_config(i, num_supernodes) for i in range(num_supernodes)
-    ]
+    count = len(data_dirs) or num_supernodes
     credentials = Credentials(workdir / "credentials")
-    make_credentials(credentials.directory, len(configs), force=True)
+    make_credentials(credentials.directory, count, force=True)
     deployment = LoopbackDeployment(workdir, credentials)
     completed = False
     try:
-        deployment.start_superlink(port=port, database=workdir / "superlink_state.db")
+        deployment.start_superlink(port=port)
         print(f"SuperLink on {deployment.address}; logs in {workdir}", flush=True)
-        keys = [credentials.supernode_public_key(i) for i in range(len(configs))]
-        ids = [deployment.register(key) for key in keys]
-        for i, node_config in enumerate(configs):
-            deployment.start_supernode(credentials.supernode_key(i), node_config, f"supernode-{i}")
+        ids = [deployment.register(credentials.supernode_public_key(i)) for i in range(count)]
+        for i in range(count):
+            key = credentials.supernode_key(i)
+            if data_dirs:
+                deployment.start_supernode(i, key, data_dir=Path(data_dirs[i]).resolve())
+            else:
+                deployment.start_supernode(i, key, node_config=partition_node_config(i, count))
         deployment.wait_online(ids)
         print(f"SuperNodes online: {ids}", flush=True)
         done = deployment.run_app(run_config)

@@ -1,13 +1,15 @@
 """End to end: a real deployment on loopback - TLS, SuperNode authentication, ``flwr run``.
 
-One SuperLink (TLS with a CA made by ``deploy.make_credentials``, ``--enable-supernode-auth``)
-on a free port, three SuperNodes whose public keys were registered with
-``flwr supernode register``, and one SuperNode with a key that was never registered. Each
-SuperNode holds its own images, as a device would: real MNIST digits of different classes
-written to its own folder (``--node-config data-dir=...``). The app trains 2 rounds of 8-bit
-FedAvg through ``flwr run . <connection> --stream`` with the same run-config keys as in
-simulation. Every process is stopped in a finalizer, even
-when a test fails, and the last test checks that none is left.
+The daemons run the command lines of ``deploy/compose.yaml`` (the container recipe), with its
+mounts mapped onto the test's folders: one SuperLink (TLS with a CA made by
+``deploy.make_credentials``, ``--enable-supernode-auth``) on a free port, three SuperNodes
+whose public keys were registered with ``flwr supernode register``, and one SuperNode with a
+key that was never registered. Each SuperNode holds its own images, as a device would: real
+MNIST digits of different classes written to its own folder (``--node-config data-dir=...``).
+The app trains 2 rounds of 8-bit FedAvg through ``flwr run . <connection> --stream`` with the
+same run-config keys as in simulation. ``deploy.preflight`` checks the CLI's connection
+against the real SuperLink. Every process is stopped in a finalizer, even when a test fails,
+and the last test checks that none is left.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ from collections.abc import Iterator
 import pytest
 
 from deploy.make_credentials import make_credentials
+from deploy.preflight import main as preflight
 from deploy.processes import (
     SUPERNODE_CONNECTION_FAILED,
     Credentials,
     LoopbackDeployment,
     ManagedProcess,
-    data_dir_node_config,
 )
 from lowprec_fl.federated_data import load_image_data
 from scripts.processes import cmdline_pids
@@ -67,16 +69,16 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     # DATA_ROOT: the ServerApp's central test set; the SuperNodes read only their folders.
     deployment = LoopbackDeployment(workdir, credentials, extra_env={"DATA_ROOT": mnist_root()})
     try:
-        deployment.start_superlink(database=workdir / "superlink_state.db")
+        deployment.start_superlink()
         node_ids = [
             deployment.register(credentials.supernode_public_key(i)) for i in range(NUM_SUPERNODES)
         ]
-        for i, folder in enumerate(folders):
-            node_config = data_dir_node_config(folder)
-            deployment.start_supernode(credentials.supernode_key(i), node_config, f"supernode-{i}")
+        for i, folder in enumerate(folders):  # deploy/compose.yaml's supernode-<i>
+            deployment.start_supernode(i, credentials.supernode_key(i), data_dir=folder)
         rogue = deployment.start_supernode(
+            0,
             credentials.supernode_key(ROGUE),
-            data_dir_node_config(folders[0]),
+            data_dir=folders[0],
             name="unregistered-supernode",
             may_exit=True,
         )
@@ -150,6 +152,24 @@ def test_flwr_run_trains_over_tls_with_authenticated_supernodes(setup: Setup) ->
         log = deployment.supernodes[i].log()
         assert f"Local data: {len(held) * IMAGES_PER_CLASS} MNIST images" in log, log[-3000:]
         assert f"per class {held}" in log, log[-3000:]
+
+
+def test_preflight_passes_the_cli_connection_and_names_each_mistake(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path
+) -> None:
+    deployment = setup.deployment
+    monkeypatch.setenv("FLWR_HOME", str(deployment.cli_home))
+    key = str(deployment.credentials.supernode_key(0))
+    assert preflight([deployment.connection, "--auth-supernode-private-key", key]) == 0
+    assert "ok: ready to connect" in capsys.readouterr().out
+    make_credentials(tmp_path, 0)  # another CA
+    for args, problem in [
+        (["--root-certificates", str(tmp_path / "ca.crt")], "not signed by the CA"),
+        (["--insecure"], "uses TLS, but the command line says insecure = true"),
+        (["--root-certificates", str(tmp_path / "none.crt")], "does not exist"),
+    ]:
+        assert preflight(["--superlink", deployment.address, *args]) == 1, args
+        assert problem in capsys.readouterr().out, args
 
 
 def test_stopping_leaves_no_flower_process(setup: Setup) -> None:

@@ -368,11 +368,16 @@ def optimizer_step_fn(
     return opt.step
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run every benchmark (only the training steps on a GPU), print the figures, save them."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m benchmarks.quantization``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    device = torch.device(parser.parse_args(argv).device)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run every benchmark (only the training steps on a GPU), print the figures, save them."""
+    device = torch.device(build_parser().parse_args(argv).device)
     start = time.perf_counter()
     retain_freed_memory()  # as the ClientApp does (train.retain_freed_memory), for every variant
     benches: tuple[Callable[[], list[Figure]], ...] = (

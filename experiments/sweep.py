@@ -149,8 +149,8 @@ def _rows(out: Path) -> list[dict]:
     return json.loads(path.read_text())["rounds"] if path.exists() else []
 
 
-def main() -> None:
-    """Command-line entry point."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m experiments.sweep``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", required=True, help="sweep folder under outputs/sweeps")
     parser.add_argument("--base", default="", help="Hydra overrides shared by every run")
@@ -173,7 +173,12 @@ def main() -> None:
         help="folder (e.g. experiments/results/<name>) that keeps each finished run's "
         "results.json; runs archived there are skipped, and the summary is written there",
     )
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    """Command-line entry point."""
+    args = build_parser().parse_args()
     run_sweep(
         args.name,
         args.base,

@@ -174,8 +174,8 @@ def run_simulation(
         stop_local_superlink(flwr_home)
 
 
-def main() -> None:
-    """Command-line entry point."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m scripts.flwr_local``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-supernodes", type=int, default=10)
     parser.add_argument("--run-config", default="", help="as for flwr run --run-config")
@@ -185,7 +185,12 @@ def main() -> None:
         default=DEFAULT_FEDERATION_CONFIG,
         help="more of flwr run's --federation-config (Flower backend options)",
     )
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    """Command-line entry point."""
+    args = build_parser().parse_args()
     sys.exit(
         run_simulation(
             args.run_config,

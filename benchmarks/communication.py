@@ -10,6 +10,7 @@ exponents are included. Writes ``benchmarks/results/communication.json``.
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -47,8 +48,16 @@ def upload_bytes(model_name: str, precision: str) -> tuple[int, int]:
     return serialized_size(content), float32_size(state, KEY)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m benchmarks.communication`` (no options)."""
+    return argparse.ArgumentParser(
+        prog="python -m benchmarks.communication", description=__doc__.splitlines()[0]
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
     """Measure every model and precision, print the figures and save them."""
+    build_parser().parse_args(argv)
     start = time.perf_counter()
     figures = []
     for model_name in MODELS:

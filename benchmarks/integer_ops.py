@@ -9,6 +9,7 @@ time, the median of paired ratios; below 1 is faster) and writes
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -66,8 +67,16 @@ def bench_conv(side: int) -> list[Figure]:
     ]
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m benchmarks.integer_ops`` (no options)."""
+    return argparse.ArgumentParser(
+        prog="python -m benchmarks.integer_ops", description=__doc__.splitlines()[0]
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
     """Time every product at every side, print the ratios, save them."""
+    build_parser().parse_args(argv)
     start = time.perf_counter()
     figures: list[Figure] = []
     for side in SIDES:

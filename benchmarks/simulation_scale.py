@@ -98,8 +98,8 @@ def figures(small: dict[str, float], large: dict[str, float], n_small: int, n_la
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Measure both federation sizes, print the figures and save them."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m benchmarks.simulation_scale``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument(
@@ -109,7 +109,12 @@ def main(argv: list[str] | None = None) -> None:
         help="local steps per client (100 clients hold 17 batches)",
     )
     parser.add_argument("--sizes", type=int, nargs=2, default=(10, 100), metavar=("SMALL", "LARGE"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Measure both federation sizes, print the figures and save them."""
+    args = build_parser().parse_args(argv)
     n_small, n_large = args.sizes
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="simulation-scale-") as tmp:

@@ -69,12 +69,17 @@ def run(state_name: str, seed: int, data, test) -> float:
     return evaluate_model(model, test, 1000, device)[1]
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run every (state, seed), print the table and save it."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m experiments.central_state``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--states", nargs="+", default=list(STATES)[:4], choices=list(STATES))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run every (state, seed), print the table and save it."""
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(1)
     ds = load_config({"overrides": "model=small_cnn"}).dataset  # MNIST, as the model expects
     data = load_image_data(ds.name, ds.root or None, train=True, pad_to=ds.pad_to)

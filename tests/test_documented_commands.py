@@ -8,7 +8,8 @@ of the program it runs, without running it:
 * the rest of the ``flwr`` CLI, ``flower-superlink`` and ``flower-supernode``: Flower's click
   and argparse parsers (unknown options, missing arguments and bad values fail);
 * ``python -m MODULE``: the module's ``build_parser()``;
-* ``make``, ``pytest``, ``docker compose -f``: the target, the test paths, the compose file.
+* ``make``, ``pytest``, ``bash``, ``docker compose -f``: the target, the test paths, the
+  script (``bash -n``), the compose file.
 
 A program the test does not know fails it, so a new kind of command gets a check too.
 """
@@ -22,6 +23,7 @@ import io
 import itertools
 import re
 import shlex
+import subprocess
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -147,6 +149,12 @@ def _check_pytest(args: list[str]) -> None:
             assert (ROOT / arg.split("::")[0]).exists(), f"no test file {arg}"
 
 
+def _check_bash(args: list[str]) -> None:
+    script = ROOT / args[0]
+    assert script.is_file(), f"no script {args[0]}"
+    subprocess.run(["bash", "-n", str(script)], check=True)  # it parses
+
+
 def _check_docker(args: list[str]) -> None:
     if args[:1] == ["compose"] and "-f" in args:
         assert (ROOT / args[args.index("-f") + 1]).is_file()
@@ -166,6 +174,7 @@ def check(command: list[str]) -> None:
         "make": _check_make,
         "pytest": _check_pytest,
         "docker": _check_docker,
+        "bash": _check_bash,
         "ruff": lambda a: None,
         "pip": lambda a: None,
     }

@@ -56,16 +56,25 @@ def convnet() -> nn.Module:
     return ConvNet(in_channels=1, num_classes=10, width=128, depth=3, image_size=32)
 
 
-def training_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch of 28x28 images zero-padded to 32x32 (the synthetic set: no data download)."""
-    data = load_image_data("synthetic", None, train=True, pad_to=32)
+def resnet18() -> nn.Module:
+    """ResNet-18 (CIFAR stem) for 3x32x32 inputs, seeded."""
+    torch.manual_seed(SEED)
+    return resnet18_cifar(in_channels=3, num_classes=10)
+
+
+def training_batch(dataset: str = "synthetic") -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of images padded to 32x32 from a synthetic set (no data download):
+    ``synthetic`` is 1x28x28 like MNIST, ``synthetic_rgb`` 3x32x32 like CIFAR."""
+    data = load_image_data(dataset, None, train=True, pad_to=32)
     x, y = next(data.batches(BATCH_SIZE, shuffle=True, generator=torch.Generator().manual_seed(1)))
     return x, y
 
 
-def fp32_step_fn(x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    """A closure running one plain float32 Adam step of the ConvNet."""
-    model = convnet().to(x.device)
+def fp32_step_fn(
+    x: torch.Tensor, y: torch.Tensor, make_model: Callable[[], nn.Module] = convnet
+) -> Callable[[], None]:
+    """A closure running one plain float32 Adam step of the model (the ConvNet)."""
+    model = make_model().to(x.device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def step() -> None:
@@ -86,11 +95,15 @@ def precision_at(bits: int, parameter_layout: str) -> TrainingPrecision:
 
 
 def lowp_step_fn(
-    x: torch.Tensor, y: torch.Tensor, precision: TrainingPrecision, arithmetic: str = "fake"
+    x: torch.Tensor,
+    y: torch.Tensor,
+    precision: TrainingPrecision,
+    arithmetic: str = "fake",
+    make_model: Callable[[], nn.Module] = convnet,
 ) -> Callable[[], None]:
     """A closure running one low-precision step (weights ... optimizer state quantized);
     ``arithmetic="int8"``: conv/linear products on integer codes (``train.arithmetic``)."""
-    model = convnet().to(x.device)
+    model = make_model().to(x.device)
     generator = torch.Generator().manual_seed(SEED)
     attach_quantizers(model, precision.activation, precision.error, generator)
     if arithmetic == "int8":
@@ -159,6 +172,29 @@ def bench_train_step(device: torch.device = CPU, single_thread: bool = False) ->
     ]
 
 
+def bench_resnet_step() -> list[Figure]:
+    """ResNet-18 at 32x32, batch 32: the 8-bit fake-quant and int8 steps against float32.
+
+    Its stride-2 convs' backward products and BatchNorm stay in float32 on the int8 path
+    (logged per layer); no target, reported as measured.
+    """
+    x, y = training_batch("synthetic_rgb")
+    fns = {
+        "fp32": fp32_step_fn(x, y, resnet18),
+        "8bit": lowp_step_fn(x, y, precision_at(8, "block"), make_model=resnet18),
+        "int8": lowp_step_fn(x, y, precision_at(8, "channel"), "int8", make_model=resnet18),
+    }
+    samples = interleaved_seconds(fns, scale_steps=1 / STEPS_PER_ROUND)
+    ratios = {name: paired_ratio(samples, name, "fp32") for name in ("8bit", "int8")}
+    return [
+        Figure(f"resnet18_train_step_ratio_{name}_vs_fp32", value, "x")
+        for name, value in ratios.items()
+    ] + [
+        Figure(f"resnet18_train_step_{name}_ms", statistics.median(t) * 1e3, "ms", samples=tuple(t))
+        for name, t in samples.items()
+    ]
+
+
 def _step_seconds(device: torch.device, with_reference_layout: bool) -> dict[str, list[float]]:
     """Seconds per step of each variant, one sample per round, variants alternating order."""
     x, y = (t.to(device) for t in training_batch())
@@ -172,12 +208,17 @@ def _step_seconds(device: torch.device, with_reference_layout: bool) -> dict[str
 
 
 def interleaved_seconds(
-    fns: dict[str, Callable[[], None]], device: torch.device = CPU, scale: int = 1
+    fns: dict[str, Callable[[], None]],
+    device: torch.device = CPU,
+    scale: int = 1,
+    scale_steps: float = 1.0,
 ) -> dict[str, list[float]]:
     """Seconds per call of each closure, one sample per round, the closures run back to back
-    in alternating order (``scale`` times the usual calls per round, for short closures)."""
+    in alternating order (``scale`` times the usual calls per round, for short closures;
+    ``scale_steps`` < 1 for long ones: at least one call per round)."""
+    calls = max(1, round(STEPS_PER_ROUND * scale * scale_steps))
     for fn in fns.values():  # first calls load/compile numba kernels and warm allocators
-        time_round(fn, STEP_WARMUP * scale, device)
+        time_round(fn, max(1, round(STEP_WARMUP * scale * scale_steps)), device)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
     for r in range(STEP_ROUNDS):
@@ -185,7 +226,7 @@ def interleaved_seconds(
             break  # a busy machine: keep the whole run within a few minutes
         order = list(fns) if r % 2 == 0 else list(reversed(list(fns)))
         for name in order:
-            samples[name].append(time_round(fns[name], STEPS_PER_ROUND * scale, device))
+            samples[name].append(time_round(fns[name], calls, device))
     return samples
 
 
@@ -383,6 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     benches: tuple[Callable[[], list[Figure]], ...] = (
         bench_train_step,
         lambda: bench_train_step(single_thread=True),
+        bench_resnet_step,
         bench_codec_throughput,
         bench_encoded_size,
         bench_optimizer_state,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, settings
 
-from tests.flower_harness import task_identity
+from scripts.task_identity import task_identity
 
 # Hypothesis profiles (tests/test_hostile_fuzz.py). "default": fast and deterministic, for every
 # run; "fuzz": a long randomized search, opt-in with `HYPOTHESIS_PROFILE=fuzz pytest -m fuzz`.

@@ -14,8 +14,9 @@ import torch
 from flwr.app import Context, RecordDict
 
 from client_app.app import app as client_app
+from scripts.task_identity import task_identity
 from server_app.app import main
-from tests.flower_harness import InProcessGrid, task_identity
+from tests.flower_harness import InProcessGrid
 from tests.shared_helpers import mnist_root
 
 SETTING = (

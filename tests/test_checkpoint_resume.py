@@ -29,12 +29,13 @@ from lowprec_fl.task.config import load_config
 from lowprec_fl.task.verified_file import load_verified
 from lowprec_fl.wire import FORMAT_SUFFIX, encode_tensors, specs_of
 from quantization import FP32
+from scripts.task_identity import task_identity
 from server_app.app import main
 from server_app.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore, save_checkpoint
 from strategies import state as strategy_state_module
 from strategies.factory import INNER_STRATEGIES, build_strategy
 from strategies.state import state_attributes
-from tests.flower_harness import InProcessGrid, task_identity
+from tests.flower_harness import InProcessGrid
 
 NUM_NODES = 4
 OVERRIDES = (

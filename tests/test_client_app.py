@@ -32,7 +32,7 @@ from lowprec_fl.wire import (
 from quantization import BlockFloat, quantize
 from quantization.codec import QuantizedTensor
 from quantization.state_codec import QuantizedState
-from tests.flower_harness import task_identity
+from scripts.task_identity import task_identity
 from tests.shared_helpers import mnist_root, write_image_folder
 
 BASE = "dataset=synthetic model=small_cnn train.max_steps=2 federation.num_clients=4"

@@ -26,9 +26,10 @@ from lowprec_fl.task.data import client_data
 from lowprec_fl.task.model import build_configured_model
 from lowprec_fl.wire import decode_tensors, read_tensors
 from quantization import BlockFloat, quantize
+from scripts.task_identity import task_identity
 from server_app.app import main
 from server_app.checkpoint import CheckpointError
-from tests.flower_harness import InProcessGrid, task_identity
+from tests.flower_harness import InProcessGrid
 
 NODES = 3
 BASE = (

@@ -136,8 +136,9 @@ def test_flwr_run_killed_part_way_resumes_to_the_uninterrupted_model(tmp_path: P
     from flwr.app import Context, RecordDict
 
     from client_app.app import app as client_app
+    from scripts.task_identity import task_identity
     from server_app.app import main
-    from tests.flower_harness import InProcessGrid, task_identity
+    from tests.flower_harness import InProcessGrid
 
     overrides = (
         "dataset=synthetic federation.num_rounds=4 federation.num_clients=4 "

@@ -71,6 +71,7 @@ from lowprec_fl.wire import (
 from quantization import FP32, BlockFloat
 from quantization.codec import encode
 from quantization.format import LAYOUTS
+from scripts.task_identity import task_identity
 from server_app.checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
@@ -81,7 +82,6 @@ from server_app.checkpoint import (
 )
 from strategies import LowPrecisionStrategy, is_traffic_metric
 from strategies.update_guard import UpdateGuard
-from tests.flower_harness import task_identity
 from tests.shared_helpers import with_item
 from tests.test_checkpoint_resume import MODEL
 from tests.test_checkpoint_resume import _strategy as _checkpoint_strategy

@@ -248,8 +248,9 @@ def test_clients_on_the_integer_path_upload_updates_the_server_accepts(tmp_path,
     from flwr.app import Context, RecordDict
 
     from client_app.app import app as client_app
+    from scripts.task_identity import task_identity
     from server_app.app import main
-    from tests.flower_harness import InProcessGrid, task_identity
+    from tests.flower_harness import InProcessGrid
 
     run_config = {
         "overrides": "dataset=synthetic model=small_cnn federation.num_rounds=2 "

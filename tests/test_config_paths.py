@@ -336,3 +336,24 @@ def test_resume_refuses_another_models_checkpoint(tmp_path: Path):
     _run(tmp_path, "federation.num_rounds=1")
     with pytest.raises(CheckpointError, match="holds another model's tensors"):
         _run(tmp_path, f"{SMALL_BN_CONVNET} server.resume=true")
+
+
+def test_the_server_sends_no_training_settings_only_the_round_and_lineage(tmp_path):
+    # The client reads lr, epochs and the rest from the run config both sides share; a train
+    # message carries what only the server knows.
+    sent: list[dict] = []
+
+    def recording_client(message: Message, context: Context) -> Message:
+        if message.metadata.message_type.startswith("train"):
+            sent.append(dict(message.content.config_records["config"]))
+        return client_app(message, context)
+
+    run_config = {"overrides": BASE, "output-dir": str(tmp_path), "train.lr": 0.01}
+    grid = InProcessGrid(recording_client, NODES, run_config)
+    context = Context(
+        run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+    )
+    with task_identity():
+        main(grid, context)
+    assert len(sent) == 2 * NODES
+    assert all(set(config) == {"server-round", "lineage"} for config in sent), sent

@@ -24,7 +24,8 @@ SuperNode keys do not expire: a node is revoked by unregistering it on the Super
 Private keys are written with mode 0600. Existing files are kept unless ``--force`` is given
 (which replaces the CA and every key: every SuperNode must then be registered again).
 ``--renew-server`` re-issues only ``server.pem`` / ``server.key`` from the existing CA, for a
-certificate about to expire or new ``--host`` names: SuperNodes and the CLI keep working.
+certificate about to expire (it keeps the old certificate's names unless ``--host`` is given)
+or new ``--host`` names: SuperNodes and the CLI keep working.
 ``--keys-only --first-index K`` adds SuperNode key pairs K, K+1, ... to an existing folder
 (a node whose key was unregistered needs a new one: Flower never accepts that key again).
 """
@@ -217,11 +218,12 @@ def make_credentials(
 
 
 def renew_server_certificate(
-    out_dir: Path, hosts: Sequence[str] = ("127.0.0.1",), days: int = SERVER_DAYS
+    out_dir: Path, hosts: Sequence[str] | None = None, days: int = SERVER_DAYS
 ) -> dict[str, Path]:
     """Re-issue ``server.pem`` / ``server.key`` from the CA in ``out_dir``; nothing else changes.
 
-    Restart the SuperLink with the new files; SuperNodes and the CLI trust the same CA.
+    ``hosts`` None keeps the names of the certificate it replaces. Restart the SuperLink with
+    the new files; SuperNodes and the CLI trust the same CA.
     """
     ca_cert_path, ca_key_path = out_dir / "ca.crt", out_dir / "ca.key"
     missing = [str(p) for p in (ca_cert_path, ca_key_path) if not p.is_file()]
@@ -236,11 +238,24 @@ def renew_server_certificate(
         ca_key.public_key().public_numbers() != ca_cert.public_key().public_numbers()
     ):
         raise ValueError(f"{ca_key_path} is not the key of {ca_cert_path}")
+    if hosts is None:
+        hosts = _certified_names(out_dir / "server.pem") or ["127.0.0.1"]
     cert, key = make_server_certificate(ca_cert, ca_key, hosts, days)
     paths = {"server.pem": out_dir / "server.pem", "server.key": out_dir / "server.key"}
     _write(paths["server.pem"], cert.public_bytes(serialization.Encoding.PEM), False, force=True)
     _write(paths["server.key"], _pem_key(key), True, force=True)
     return paths
+
+
+def _certified_names(path: Path) -> list[str]:
+    """The names (DNS names, IP addresses) a certificate covers besides loopback; [] if none."""
+    if not path.is_file():
+        return []
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    names = [*san.get_values_for_type(x509.DNSName)]
+    names += [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    return [n for n in names if n not in LOOPBACK_NAMES]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -249,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         if args.renew_server:
-            paths = renew_server_certificate(args.out_dir, args.host or ["127.0.0.1"], args.days)
+            paths = renew_server_certificate(args.out_dir, args.host, args.days)
         else:
             paths = make_credentials(
                 args.out_dir,
@@ -259,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 keys_only=args.keys_only,
                 first_index=args.first_index,
             )
-    except (FileExistsError, FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # FileExistsError, PermissionError, ...
         parser.exit(2, f"error: {err}\n")
     for name, path in paths.items():
         print(f"wrote {path}" + ("  (private: keep it secret)" if name.endswith(".key") else ""))
@@ -279,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=None,
         help="a DNS name or IP address the SuperLink is reached at (repeatable; "
-        "default 127.0.0.1; localhost, 127.0.0.1 and ::1 are always included)",
+        "default 127.0.0.1, or with --renew-server the names of the certificate it replaces; "
+        "localhost, 127.0.0.1 and ::1 are always included)",
     )
     parser.add_argument("--force", action="store_true", help="overwrite existing files")
     parser.add_argument(

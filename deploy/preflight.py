@@ -7,9 +7,10 @@
 
 From the ``flwr`` CLI, a dead port, a missing CA file, ``insecure = true`` against a TLS
 SuperLink and the wrong CA all end in the same "Connection to the SuperLink is unavailable".
-This command checks, in order: the connection's settings, the CA file, the TCP port, whether
-the SuperLink speaks TLS or plain text, the certificate chain against the CA, the host name
-against the certificate, the certificate's validity dates, and a SuperNode key if given. It
+This command checks, in order: the connection's settings, the CA file, a SuperNode key if
+given, the TCP port, whether the SuperLink speaks TLS or plain text, the certificate's
+validity dates, the certificate chain against the CA, and the host name against the
+certificate. It
 prints one line per check and exits 1 at the first problem, with its fix.
 """
 
@@ -53,7 +54,7 @@ def parse_address(address: str) -> tuple[str, int]:
     """``host:port`` (``[v6]:port`` for IPv6) as (host, port)."""
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or not host:
-        raise PreflightError(f"address {address!r} is not HOST:PORT, e.g. 192.0.2.10:9093")
+        raise PreflightError(f"address {address!r} is not HOST:PORT, e.g. 192.0.2.10:8000")
     return host.strip("[]"), int(port)
 
 
@@ -111,7 +112,7 @@ def check_port(target: Target) -> None:
     except ConnectionRefusedError:
         raise PreflightError(
             f"nothing listens on {target.host}:{target.port}: is the SuperLink running, and "
-            "is this its port (flower-superlink --port, or its Fleet/Control API address)?"
+            "is this its port (flower-superlink --port, 8000 by default)?"
         ) from None
     except OSError as err:
         raise PreflightError(
@@ -177,7 +178,6 @@ def check_chain(target: Target, server_cert: x509.Certificate) -> None:
             f"not signed by the CA in {trusted} ({err.verify_message}): use the ca.crt from the "
             "same credentials folder as the SuperLink's server.pem"
         ) from None
-    _check_dates(server_cert, "the SuperLink's certificate")
 
 
 def check_supernode_key(path: Path) -> None:
@@ -232,6 +232,7 @@ def preflight(target: Target, supernode_key: Path | None = None) -> list[str]:
     if server_cert is None:
         passed.append("the SuperLink speaks plain text, as insecure = true expects")
         return passed
+    _check_dates(server_cert, "the SuperLink's certificate")  # before the handshake refuses it
     check_chain(target, server_cert)
     until = f"{server_cert.not_valid_after_utc:%Y-%m-%d}"
     passed.append(f"TLS: certificate for {_names(server_cert)} verifies, valid until {until}")

@@ -245,6 +245,20 @@ def test_renew_server_reissues_only_the_server_certificate(tmp_path: Path, capsy
     assert _handshake(tmp_path, "link.example.org") == b"ok"
 
 
+def test_renew_server_without_hosts_keeps_the_certified_names(tmp_path: Path) -> None:
+    make_credentials(tmp_path, 0, hosts=HOSTS)
+    main([str(tmp_path), "--renew-server"])
+    san = (
+        _cert(tmp_path / "server.pem")
+        .extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        .value
+    )
+    assert set(san.get_values_for_type(x509.DNSName)) == {"superlink.example.org", "localhost"}
+    assert {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} == {
+        "192.0.2.10", "127.0.0.1", "::1"
+    }  # fmt: skip
+
+
 def test_renew_server_needs_the_ca_that_issued_the_credentials(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--renew-server"])

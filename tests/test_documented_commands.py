@@ -36,6 +36,7 @@ from flwr.common.config import flatten_dict, fuse_dicts, parse_config_args
 from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
 from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 
+from deploy.compose import host_command, load_services
 from lowprec_fl.task.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,9 +45,11 @@ DOCUMENTS = ["README.md", "deploy/README.md", *sorted(p.relative_to(ROOT).as_pos
 SHELL_BLOCK = re.compile(r"```(?:bash|sh|shell|console)\n(.*?)```", re.S)
 #: Programs whose commands are plain shell work: nothing of this project to check.
 SHELL_PROGRAMS = {
-    "cd", "mkdir", "export", "source", "cat", "cp", "rm", "ls", "chown", "sudo", "git", "for",
-    "do", "done", "kill", "tail", "echo", "openssl", "scp", "ssh", "lscpu", "curl",
+    "cd", "mkdir", "export", "source", "cat", "cp", "rm", "ls", "chown", "git", "for", "done",
+    "kill", "tail", "echo", "openssl", "scp", "ssh", "lscpu", "curl",
 }  # fmt: skip
+#: Words that run the command after them: ``do flwr ...`` in a loop, ``sudo chown ...``.
+PREFIXES = {"do", "then", "else", "sudo", "time", "exec"}
 APP_CONFIG = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 
 
@@ -87,8 +90,8 @@ def documented_commands() -> list[tuple[str, list[str]]]:
 
 
 def _strip_environment(command: list[str]) -> list[str]:
-    """``VAR=value prog args`` -> ``prog args``; ``.venv/bin/prog`` -> ``prog``."""
-    while command and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", command[0]):
+    """``VAR=value prog``, ``do prog``, ``sudo prog``, ``.venv/bin/prog`` -> ``prog``."""
+    while command and (re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", command[0]) or command[0] in PREFIXES):
         command = command[1:]
     if command:
         command = [command[0].removeprefix(".venv/bin/"), *command[1:]]
@@ -118,6 +121,7 @@ def _check_flwr(args: list[str]) -> None:
     rest = _placeholders(args)
     while isinstance(command, click.Group) and rest and rest[0] in command.commands:
         command = command.commands[rest.pop(0)]
+    assert not isinstance(command, click.Group), f"no such flwr command: flwr {' '.join(args)}"
     with command.make_context("flwr", rest):
         pass
 
@@ -156,8 +160,12 @@ def _check_bash(args: list[str]) -> None:
 
 
 def _check_docker(args: list[str]) -> None:
+    """``docker compose -f FILE``: every service's command line resolves, its paths mounted."""
     if args[:1] == ["compose"] and "-f" in args:
-        assert (ROOT / args[args.index("-f") + 1]).is_file()
+        services = load_services(ROOT / args[args.index("-f") + 1])
+        for name, service in services.items():
+            sources = {v.split(":")[0]: Path("/host") / v.split(":")[0] for v in service["volumes"]}
+            host_command(name, sources, {}, services)
 
 
 def check(command: list[str]) -> None:
@@ -207,12 +215,14 @@ def test_a_documented_command_is_accepted(document: str, command: list[str]) -> 
         "flwr run . --run-config \"quantization='bfp5'\"",  # no such preset
         "flower-supernode --superlink x:1 --no-such-flag",
         "flwr supernode register",  # missing the key
+        "for i in 0 1; do flwr supernode regster k.pub; done",  # in a loop: still checked
+        "sudo make no-such-target",
         "python -m deploy.preflight --no-such-flag",
         "make no-such-target",
         "unknown-program --flag",
     ],
 )
 def test_a_wrong_command_is_caught(command: str) -> None:
-    (parsed,) = _commands(command)
     with pytest.raises((AssertionError, ValueError, click.ClickException)):
-        check(parsed)
+        for parsed in _commands(command):
+            check(parsed)

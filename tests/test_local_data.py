@@ -65,6 +65,7 @@ def test_node_data_holds_out_the_configured_fraction_of_everything(mnist, tmp_pa
         (lambda p: (p / "3").mkdir() or p, "holds no images"),
         (lambda p: _image(p, (30, 30)), "30x30 pixels; MNIST images are 28x28"),
         (lambda p: _broken(p), "is not a readable image"),
+        (lambda p: (p / "MNIST" / "raw").mkdir(parents=True) or p, "is incomplete or damaged"),
     ],
 )
 def test_a_broken_folder_gets_an_error_naming_the_fix(tmp_path, make, match):

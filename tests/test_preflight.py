@@ -7,6 +7,8 @@ real SuperLink cases run in tests/test_deployment.py).
 from __future__ import annotations
 
 import contextlib
+import datetime
+import ipaddress
 import socket
 import ssl
 import threading
@@ -14,6 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from deploy.make_credentials import make_credentials
 from deploy.preflight import main
@@ -145,3 +151,38 @@ def test_a_named_connection_is_read_like_the_flwr_cli(tmp_path, capsys, monkeypa
     assert f"connection 'lab' in {tmp_path / 'config.toml'}" in out
     code, out = _run(capsys, "missing")
     assert code == 1 and "'missing' not found" in out, out
+
+
+def test_an_expired_server_certificate_is_named_not_blamed_on_the_ca(creds, tmp_path, capsys):
+    ca_cert = x509.load_pem_x509_certificate((creds / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((creds / "ca.key").read_bytes(), password=None)
+    key = ec.generate_private_key(ec.SECP384R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=30))
+        .not_valid_after(now - datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
+    (tmp_path / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "server.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    with _server(tmp_path) as port:
+        code, out = _run(
+            capsys, "--superlink", f"127.0.0.1:{port}", "--root-certificates", str(creds / "ca.crt")
+        )
+    assert code == 1, out
+    assert "the SuperLink's certificate expired on" in out and "--renew-server" in out, out

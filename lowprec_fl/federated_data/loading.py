@@ -97,15 +97,17 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
         socket.setdefaulttimeout(previous)
 
 
-def _torchvision(name: str, root: str, train: bool) -> ImageData:
+def _torchvision(name: str, root: str, train: bool, download: bool = True) -> ImageData:
     import torchvision.datasets as tvd
 
     spec = _SPECS[name]
     dataset_class = getattr(tvd, spec.tv_class)
     try:
         with _socket_timeout(DOWNLOAD_SOCKET_TIMEOUT_S):
-            ds = dataset_class(root=root, train=train, download=True)
+            ds = dataset_class(root=root, train=train, download=download)
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        if not download:
+            raise
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DatasetUnavailableError(
             f"Dataset {name!r} ({spec.tv_class}) is not available under data root {root!r} "

@@ -57,7 +57,13 @@ def _load_cached(key: str, folder: str, pad_to: int | None) -> ImageData:
             "--node-config data-dir at the folder with one subfolder per class"
         )
     if (path / spec.folder).is_dir():
-        data = _torchvision(key, str(path), train=True)
+        try:
+            data = _torchvision(key, str(path), train=True, download=False)
+        except (RuntimeError, OSError, EOFError, ValueError) as err:
+            raise LocalDataError(
+                f"{path / spec.folder} is incomplete or damaged ({err}): data-dir must hold the "
+                f"whole {spec.tv_class} training split there, or one subfolder per class"
+            ) from None
     else:
         data = _image_folder(path, spec)
     counts = np.bincount(data.labels.numpy(), minlength=spec.num_classes)

@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from lowprec_fl.federated_data import DATASET_NAMES, PARTITION_SCHEMES
 from lowprec_fl.models import MODEL_NAMES
 from lowprec_fl.task.formats import STATE_FORMATS, state_format
-from lowprec_fl.task.training import OPTIMIZERS
+from lowprec_fl.task.training import ARITHMETICS, OPTIMIZERS
 from quantization import BlockFloat
 from quantization.format import LAYOUTS
 from strategies.factory import INNER_STRATEGIES
@@ -35,8 +35,6 @@ CONF_DIR = next(
 #: pyproject.toml declares them) is the Hydra key of the same name.
 FREE_FORM_KEY = "overrides"
 OUTPUT_DIR_KEY = "output-dir"
-#: train.arithmetic: float32 products of grid values, or int8 products (integer_arithmetic).
-ARITHMETICS = ("fake", "int8")
 BIT_KEYS = (
     "weight_bits",
     "grad_bits",

@@ -66,16 +66,17 @@ def accepted_bits(cfg: DictConfig) -> list[int]:
     return sorted(widths)
 
 
-def client_bits(cfg: DictConfig, node_config: Mapping[str, Any], partition_id: int) -> int | None:
-    """This client's own width, if it has one: its node config's, else ``clients.bits``'s.
+def client_bits(cfg: DictConfig, node_config: Mapping[str, Any], party: int) -> int | None:
+    """This client's own width, if it has one: its node config's, else ``clients.bits``'s
+    (``bits[party % len(bits)]``, ``party`` the client's partition id in simulation).
 
     Raises ``ValueError`` naming the setting when the width is not one the server accepts.
     """
     if NODE_BITS_KEY in node_config:
         bits, source = node_config[NODE_BITS_KEY], f"--node-config {NODE_BITS_KEY}"
     elif len(cfg.clients.bits):
-        bits = cfg.clients.bits[partition_id % len(cfg.clients.bits)]
-        source = f"clients.bits (partition {partition_id})"
+        bits = cfg.clients.bits[party % len(cfg.clients.bits)]
+        source = f"clients.bits (client {party})"
     else:
         return None
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in accepted_bits(cfg):

@@ -22,6 +22,8 @@ class TrainResult:
     steps: int
 
 
+#: train.arithmetic: float32 products of grid values, or int8 products (integer_arithmetic).
+ARITHMETICS = ("fake", "int8")
 #: Config names of the torch optimizers a client can train with, and how each is built.
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adam": lambda params, lr, momentum, weight_decay: torch.optim.Adam(
@@ -71,6 +73,8 @@ def train_local(
     ``arithmetic="int8"`` runs conv and linear products as integer products (the same
     function; ``quantization.integer_arithmetic``), ``"fake"`` in float32.
     """
+    if arithmetic not in ARITHMETICS:
+        raise ValueError(f"unknown arithmetic {arithmetic!r}: use one of {ARITHMETICS}")
     model.train()
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     hooks = attach_quantizers(model, precision.activation, precision.error, generator)

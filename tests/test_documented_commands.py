@@ -226,3 +226,13 @@ def test_a_wrong_command_is_caught(command: str) -> None:
     with pytest.raises((AssertionError, ValueError, click.ClickException)):
         for parsed in _commands(command):
             check(parsed)
+
+
+def test_the_readme_table_is_the_archived_sweep_summary():
+    readme = (ROOT / "README.md").read_text()
+    table = re.search(r"<!-- sweep table: (\S+) -->\n(.*?)\n<!-- /sweep table -->", readme, re.S)
+    assert table, "the README's results table lost its markers"
+    summary = (ROOT / table.group(1)).read_text().strip()
+    assert table.group(2) == summary, "README.md's table differs from " + table.group(1)
+    finished = sum(int(row.split("|")[8]) for row in summary.splitlines()[2:])
+    assert f"In progress: {finished} of 96 runs finished" in readme or finished == 96

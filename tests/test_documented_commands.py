@@ -80,12 +80,23 @@ def _commands(text: str) -> Iterator[list[str]]:
             yield command
 
 
+#: Configuration files whose comments show ``flwr run`` commands.
+COMMENTED = ["pyproject.toml", *sorted(p.relative_to(ROOT).as_posix()
+             for p in (ROOT / "conf").rglob("*.yaml"))]  # fmt: skip
+
+
 def documented_commands() -> list[tuple[str, list[str]]]:
-    """(document, command) for every command of every shell block."""
+    """(document, command) for every command of every shell block, and every ``flwr run``
+    command that a comment of pyproject.toml or conf/ shows (not inline mentions)."""
     found = []
     for name in DOCUMENTS:
         for block in SHELL_BLOCK.findall((ROOT / name).read_text()):
             found += [(name, command) for command in _commands(block)]
+    for name in COMMENTED:
+        for line in (ROOT / name).read_text().splitlines():
+            shown = re.search(r"(?:^|: )(flwr run .*)$", line.partition("#")[2].strip())
+            if shown:  # a command on a comment line of its own, or after "e.g.: "
+                found += [(name, c) for c in _commands(shown.group(1))]
     return found
 
 
@@ -195,7 +206,7 @@ COMMANDS = documented_commands()
 
 def test_the_documents_have_commands():
     names = {name for name, _ in COMMANDS}
-    assert {"README.md", "deploy/README.md"} <= names
+    assert {"README.md", "deploy/README.md", "pyproject.toml", "conf/config.yaml"} <= names
     assert any(c[:2] == ["flwr", "run"] for _, c in COMMANDS)
 
 

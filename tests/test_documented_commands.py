@@ -1,4 +1,4 @@
-"""Every command in the README, the deployment guide and docs/, exactly as printed, is checked.
+"""Every command in the READMEs, the deployment guide and docs/, exactly as printed, is checked.
 
 Shell blocks (```bash) are split into simple commands. Each command goes through the parser
 of the program it runs, without running it:
@@ -40,8 +40,8 @@ from deploy.compose import host_command, load_services
 from lowprec_fl.task.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCUMENTS = ["README.md", "deploy/README.md", *sorted(p.relative_to(ROOT).as_posix()
-             for p in (ROOT / "docs").glob("*.md"))]  # fmt: skip
+DOCS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))
+DOCUMENTS = ["README.md", "deploy/README.md", "examples/mnist_lowprec/README.md", *DOCS]
 SHELL_BLOCK = re.compile(r"```(?:bash|sh|shell|console)\n(.*?)```", re.S)
 #: Programs whose commands are plain shell work: nothing of this project to check.
 SHELL_PROGRAMS = {
@@ -50,7 +50,6 @@ SHELL_PROGRAMS = {
 }  # fmt: skip
 #: Words that run the command after them: ``do flwr ...`` in a loop, ``sudo chown ...``.
 PREFIXES = {"do", "then", "else", "sudo", "time", "exec"}
-APP_CONFIG = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 
 
 def _commands(text: str) -> Iterator[list[str]]:
@@ -114,20 +113,25 @@ def _placeholders(args: list[str]) -> list[str]:
     return ["1" if re.fullmatch(r"<[\w-]+>", a) else a for a in args]
 
 
-def _check_run_config(text: str) -> None:
+def _check_run_config(text: str, app: Path = ROOT) -> None:
+    """Flower's parsing and its check against the app's declared keys; this app's own run
+    config also through its Hydra composition and validation."""
+    declared = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     overrides = parse_config_args([text])
-    fused = fuse_dicts(flatten_dict(APP_CONFIG), overrides)  # raises for undeclared keys
-    load_config(fused)
+    fused = fuse_dicts(flatten_dict(declared.get("config", {})), overrides)  # undeclared keys
+    if app == ROOT:
+        load_config(fused)
 
 
 def _check_flwr(args: list[str]) -> None:
     if args[:1] == ["run"]:
         options = dict(itertools.pairwise(args))
+        app = (ROOT / args[1]).resolve()
+        assert (app / "pyproject.toml").is_file(), f"flwr run {args[1]}: no such app folder"
         if "--run-config" in options:
-            _check_run_config(options["--run-config"])
+            _check_run_config(options["--run-config"], app)
         if "--federation-config" in options:
             parse_config_args([options["--federation-config"]])
-        assert (ROOT / args[1]).is_dir(), f"flwr run {args[1]}: no such app folder"
     command: click.Command = typer.main.get_command(flwr_cli)
     rest = _placeholders(args)
     while isinstance(command, click.Group) and rest and rest[0] in command.commands:

@@ -251,3 +251,11 @@ def test_the_readme_table_is_the_archived_sweep_summary():
     assert table.group(2) == summary, "README.md's table differs from " + table.group(1)
     finished = sum(int(row.split("|")[8]) for row in summary.splitlines()[2:])
     assert f"In progress: {finished} of 96 runs finished" in readme or finished == 96
+
+
+def test_the_readme_lists_exactly_the_declared_run_config_keys():
+    readme = (ROOT / "README.md").read_text()
+    listed = re.search(r"The keys `pyproject.toml`\s+declares: (.*?)\. ", readme, re.S)
+    assert listed, "the README no longer lists the run-config keys"
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert set(re.findall(r"`([\w.-]+)`", listed.group(1))) == set(flatten_dict(declared["config"]))

@@ -105,7 +105,9 @@ def lowp_step_fn(
     ``arithmetic="int8"``: conv/linear products on integer codes (``train.arithmetic``)."""
     model = make_model().to(x.device)
     generator = torch.Generator().manual_seed(SEED)
-    attach_quantizers(model, precision.activation, precision.error, generator)
+    attach_quantizers(
+        model, precision.activation, precision.error, generator, keep_codes=arithmetic == "int8"
+    )
     if arithmetic == "int8":
         attach_integer_arithmetic(model, precision)
     opt = LowPrecisionOptimizer.from_precision(

@@ -101,10 +101,13 @@ def _exponent_of_key(key):
 
 
 @njit(inline="always")
-def _round_segment(xs, outs, first, scale_a, scale_b, step, lo, hi, mode, k1, k2):
-    """Round one slice lying inside one block; ``first`` is its flat index (dither counter).
+def _round_segment(xs, outs, first, stride, scale_a, scale_b, step, lo, hi, mode, k1, k2, codes):
+    """Round one slice lying inside one block; ``first`` is its first element's dither counter
+    (its logical flat index) and ``stride`` how much the counter grows from one element of the
+    slice to the next (1, or H*W along the channels of a channels-last tensor).
 
     ``v = (x * scale_a) * scale_b`` is x in units of the step (two factors keep each a float32).
+    ``codes``: None, or an int8 slice that also receives each element's integer code.
     """
     if mode == ROUND_STOCHASTIC:
         counter = _U32(first)  # a 32-bit induction variable: 16 lanes, not 8 of int64
@@ -114,17 +117,26 @@ def _round_segment(xs, outs, first, scale_a, scale_b, step, lo, hi, mode, k1, k2
             frac = v - f  # 1.0 exactly when v is a tiny negative: then round up, as torch does
             threshold = _U32(min(frac * _TWO_POW_32, _LARGEST_BELOW_TWO_POW_32))
             h = _mix32(_mix32(counter ^ k1) ^ k2)
-            counter += _U32(1)
+            counter += _U32(stride)
             r = f + _F32((h < threshold) | (frac >= _F32(1.0)))
-            outs[j] = (min(max(r, lo), hi) + _F32(0.0)) * step
+            c = min(max(r, lo), hi) + _F32(0.0)
+            outs[j] = c * step
+            if codes is not None:
+                codes[j] = np.int8(c)
     elif mode == ROUND_UP:
         for j in range(xs.size):
             r = np.ceil((xs[j] * scale_a) * scale_b)
-            outs[j] = (min(max(r, lo), hi) + _F32(0.0)) * step
+            c = min(max(r, lo), hi) + _F32(0.0)
+            outs[j] = c * step
+            if codes is not None:
+                codes[j] = np.int8(c)
     else:
         for j in range(xs.size):
             r = np.rint((xs[j] * scale_a) * scale_b)
-            outs[j] = (min(max(r, lo), hi) + _F32(0.0)) * step
+            c = min(max(r, lo), hi) + _F32(0.0)
+            outs[j] = c * step
+            if codes is not None:
+                codes[j] = np.int8(c)
 
 
 # 2^k as float32 for k in [-149, 127], subnormals included: a table beats ldexp per block.
@@ -142,7 +154,9 @@ def _keys_range(bits, block_len, start, stop, keys):
 
 
 @njit(cache=True)  # not inlined: each ``out`` type (None included) compiles on its own
-def _round_range(x, block_len, start, stop, nbits, mode, k1, k2, codes_only, keys, out, exps):
+def _round_range(
+    x, block_len, start, stop, nbits, mode, k1, k2, codes_only, keys, out, exps, codes
+):
     """Round the elements in ``[start, stop)`` given their blocks' magnitude keys, into ``out``
     or, when it is None, into ``x``; the range holding a block's first element writes its
     exponent."""
@@ -159,18 +173,61 @@ def _round_range(x, block_len, start, stop, nbits, mode, k1, k2, codes_only, key
         i0, i1 = max(start, b * block_len), min(stop, (b + 1) * block_len)
         xs = x[i0:i1]
         if out is None:  # through the very same slice: two would look like aliases to LLVM
-            _round_segment(xs, xs, i0, scale_a, scale_b, step, lo, hi, mode, k1, k2)
+            _round_segment(xs, xs, i0, 1, scale_a, scale_b, step, lo, hi, mode, k1, k2, None)
+        elif codes is None:
+            outs = out[i0:i1]
+            _round_segment(xs, outs, i0, 1, scale_a, scale_b, step, lo, hi, mode, k1, k2, None)
         else:
-            _round_segment(xs, out[i0:i1], i0, scale_a, scale_b, step, lo, hi, mode, k1, k2)
+            outs, cs = out[i0:i1], codes[i0:i1]
+            _round_segment(xs, outs, i0, 1, scale_a, scale_b, step, lo, hi, mode, k1, k2, cs)
+
+
+@njit(cache=True)  # not inlined, as ``_round_range``
+def _round_rows(
+    x, row_len, plane, start, stop, nbits, mode, k1, k2, codes_only, keys, out, exps, codes
+):
+    """``_round_range`` for a one-block tensor stored channels-last: ``x`` holds rows of
+    ``row_len`` channels, one row per (n, h, w), and the dither counter of element ``c`` of row
+    ``r`` is its logical (NCHW) index ``(r // plane) * row_len * plane + r % plane + c * plane``,
+    so results equal those of the same tensor stored contiguously."""
+    lo = _F32(-(1 << (nbits - 1)))
+    hi = _F32((1 << (nbits - 1)) - 1)
+    e = _exponent_of_key(keys[0])
+    if start == 0:
+        exps[0] = e
+    k = nbits - 2 - e
+    scale_a = _POW2[k // 2 + _POW2_OFFSET]
+    scale_b = _POW2[k - k // 2 + _POW2_OFFSET]
+    step = _F32(1.0) if codes_only else _POW2[-k + _POW2_OFFSET]
+    i0 = start
+    while i0 < stop:
+        row = i0 // row_len
+        channel = i0 - row * row_len
+        i1 = min(stop, (row + 1) * row_len)
+        sample = row // plane
+        first = sample * row_len * plane + (row - sample * plane) + channel * plane
+        xs = x[i0:i1]
+        f, p = first, plane
+        if out is None:  # in place (parameters): no codes beside
+            _round_segment(xs, xs, f, p, scale_a, scale_b, step, lo, hi, mode, k1, k2, None)
+        elif codes is None:
+            outs = out[i0:i1]
+            _round_segment(xs, outs, f, p, scale_a, scale_b, step, lo, hi, mode, k1, k2, None)
+        else:
+            outs, cs = out[i0:i1], codes[i0:i1]
+            _round_segment(xs, outs, f, p, scale_a, scale_b, step, lo, hi, mode, k1, k2, cs)
+        i0 = i1
 
 
 # The worker reads its arguments from one int64 vector (addresses and scalars), so the same
 # compiled callback serves the calling thread and torch's OpenMP threads.
 (_X, _OUT, _KEYS, _EXPS, _N, _NUM_BLOCKS, _BLOCK_LEN, _CHUNK_LEN, _NUM_CHUNKS) = range(9)
 (_KEY_ROWS, _BITS, _MODE, _K1, _K2, _CODES_ONLY, _OUT_KIND, _PHASE, _NEXT_CHUNK) = range(9, 18)
-_NUM_ARGS = 18
+(_ROW_LEN, _PLANE) = range(18, 20)  # channels-last layout (``_round_rows``); 0: flat
+_CODES = 20  # int8 codes written beside float32 values (``_OUT_FLOAT32_AND_CODES``)
+_NUM_ARGS = 21
 _PHASE_KEYS, _PHASE_ROUND = 0, 1
-_OUT_FLOAT32, _OUT_INT8, _OUT_INT16, _IN_PLACE = range(4)
+_OUT_FLOAT32, _OUT_INT8, _OUT_INT16, _IN_PLACE, _OUT_FLOAT32_AND_CODES = range(5)
 _OUT_KINDS = {torch.float32: _OUT_FLOAT32, torch.int8: _OUT_INT8, torch.int16: _OUT_INT16}
 MIN_CHUNK = 1 << 15  # elements; smaller chunks cost more to hand out than they save
 CHUNKS_PER_THREAD = 4  # a thread the machine preempts delays only its current chunk
@@ -206,22 +263,15 @@ def _array(args, slot, size, dtype):
 
 
 @njit(inline="always")
-def _round_chunk(args, start, stop, x, out):
+def _round_chunk(args, start, stop, x, out, codes):
     num_blocks = args[_NUM_BLOCKS]
-    _round_range(
-        x,
-        args[_BLOCK_LEN],
-        start,
-        stop,
-        args[_BITS],
-        args[_MODE],
-        _U32(args[_K1]),
-        _U32(args[_K2]),
-        args[_CODES_ONLY] != 0,
-        _array(args, _KEYS, num_blocks, np.int32),
-        out,
-        _array(args, _EXPS, num_blocks, np.int16),
-    )
+    keys = _array(args, _KEYS, num_blocks, np.int32)
+    exps = _array(args, _EXPS, num_blocks, np.int16)
+    rounding = (args[_BITS], args[_MODE], _U32(args[_K1]), _U32(args[_K2]), args[_CODES_ONLY] != 0)
+    if args[_ROW_LEN] > 0:
+        _round_rows(x, args[_ROW_LEN], args[_PLANE], start, stop, *rounding, keys, out, exps, codes)
+    else:
+        _round_range(x, args[_BLOCK_LEN], start, stop, *rounding, keys, out, exps, codes)
 
 
 @cfunc(types.void(types.voidptr), cache=True, nopython=True)
@@ -251,13 +301,16 @@ def _worker(data):
             x = _array(args, _X, n, np.float32)
             kind = args[_OUT_KIND]
             if kind == _IN_PLACE:
-                _round_chunk(args, start, stop, x, None)
+                _round_chunk(args, start, stop, x, None, None)
             elif kind == _OUT_FLOAT32:
-                _round_chunk(args, start, stop, x, _array(args, _OUT, n, np.float32))
+                _round_chunk(args, start, stop, x, _array(args, _OUT, n, np.float32), None)
+            elif kind == _OUT_FLOAT32_AND_CODES:
+                values = _array(args, _OUT, n, np.float32)
+                _round_chunk(args, start, stop, x, values, _array(args, _CODES, n, np.int8))
             elif kind == _OUT_INT8:
-                _round_chunk(args, start, stop, x, _array(args, _OUT, n, np.int8))
+                _round_chunk(args, start, stop, x, _array(args, _OUT, n, np.int8), None)
             else:
-                _round_chunk(args, start, stop, x, _array(args, _OUT, n, np.int16))
+                _round_chunk(args, start, stop, x, _array(args, _OUT, n, np.int16), None)
 
 
 def _chunking(n: int, block_len: int, threads: int) -> tuple[int, int, int]:
@@ -286,10 +339,16 @@ def quantize_flat(
     codes_only: bool,
     out: torch.Tensor,
     exps: torch.Tensor,
+    rows: tuple[int, int] = (0, 0),
+    codes: torch.Tensor | None = None,
 ) -> bool:
     """Block-quantize contiguous 1-d float32 CPU ``x`` into ``out`` and int16 ``exps``.
 
     ``out``: float32 values or int8/int16 codes, either ``x`` itself or not overlapping it.
+    ``rows``: ``(C, H*W)`` when ``x`` is a one-block tensor's channels-last memory (dither
+    counters then follow the logical NCHW order, see ``_round_rows``); ``(0, 0)``: flat.
+    ``codes``: an int8 tensor (formats of at most 8 bits) that also receives the integer codes
+    of the float32 values written to ``out``.
     Runs on torch's threads when torch has several and ``x`` is large. Returns False, having
     written nothing, if ``x`` holds NaN or inf.
     """
@@ -306,6 +365,9 @@ def quantize_flat(
     args[_KEY_ROWS], args[_BITS], args[_MODE] = key_rows, bits, mode
     args[_K1], args[_K2], args[_CODES_ONLY] = key[0], key[1], int(codes_only)
     args[_OUT_KIND] = _IN_PLACE if out.data_ptr() == x.data_ptr() else _OUT_KINDS[out.dtype]
+    args[_ROW_LEN], args[_PLANE] = rows
+    if codes is not None:
+        args[_OUT_KIND], args[_CODES] = _OUT_FLOAT32_AND_CODES, codes.data_ptr()
     threads = min(threads, num_chunks)
     _run(args, _PHASE_KEYS, threads)
     if key_rows > 1:

@@ -9,7 +9,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .format import BlockFloat
-from .quantizer import quantize
+from .grid_codes import quantize_with_codes
+from .quantizer import memory_format_of, quantize
 
 #: Module types whose outputs the reference code quantizes: after conv/linear, after
 #: (norm +) activation and after pooling. The model's output is quantized too.
@@ -37,14 +38,19 @@ class _QuantizeForwardBackward(torch.autograd.Function):
     """Identity whose output is quantized to one format and whose gradient to another."""
 
     @staticmethod
-    def forward(ctx, x, forward_fmt, backward_fmt, generator):  # type: ignore[override]
+    def forward(ctx, x, forward_fmt, backward_fmt, generator, keep_codes):  # type: ignore[override]
         ctx.backward_fmt = backward_fmt
         ctx.generator = generator
-        return quantize(x, forward_fmt, generator)
+        ctx.memory_format = memory_format_of(x)
+        ctx.quantize = quantize_with_codes if keep_codes else quantize
+        return ctx.quantize(x, forward_fmt, generator)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        return quantize(grad.contiguous(), ctx.backward_fmt, ctx.generator), None, None, None
+        # the error in the activation's own memory order: elementwise backward ops that meet
+        # two orders (saved activation, incoming error) fall off their vectorized paths
+        grad = grad.contiguous(memory_format=ctx.memory_format)
+        return ctx.quantize(grad, ctx.backward_fmt, ctx.generator), None, None, None, None
 
 
 def quantize_flow(
@@ -52,11 +58,13 @@ def quantize_flow(
     forward_fmt: BlockFloat,
     backward_fmt: BlockFloat,
     generator: torch.Generator | None = None,
+    keep_codes: bool = False,
 ) -> torch.Tensor:
-    """Quantize ``x`` with ``forward_fmt`` and the gradient flowing back with ``backward_fmt``."""
+    """Quantize ``x`` with ``forward_fmt`` and the gradient flowing back with ``backward_fmt``;
+    ``keep_codes``: both also carry their integer codes for an integer layer (``grid_codes``)."""
     if not (forward_fmt.enabled or backward_fmt.enabled) or not x.is_floating_point():
         return x
-    return _QuantizeForwardBackward.apply(x, forward_fmt, backward_fmt, generator)
+    return _QuantizeForwardBackward.apply(x, forward_fmt, backward_fmt, generator, keep_codes)
 
 
 class Quantizer(nn.Module):
@@ -67,15 +75,19 @@ class Quantizer(nn.Module):
         forward_fmt: BlockFloat,
         backward_fmt: BlockFloat,
         generator: torch.Generator | None = None,
+        keep_codes: bool = False,
     ) -> None:
         super().__init__()
         self.forward_fmt = forward_fmt
         self.backward_fmt = backward_fmt
         self.generator = generator
+        self.keep_codes = keep_codes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Quantize ``x`` now and its gradient later."""
-        return quantize_flow(x, self.forward_fmt, self.backward_fmt, self.generator)
+        return quantize_flow(
+            x, self.forward_fmt, self.backward_fmt, self.generator, self.keep_codes
+        )
 
     def extra_repr(self) -> str:
         return f"forward={self.forward_fmt.describe()}, backward={self.backward_fmt.describe()}"
@@ -103,14 +115,17 @@ def attach_quantizers(
     activation: BlockFloat,
     error: BlockFloat,
     generator: torch.Generator | None = None,
+    keep_codes: bool = False,
 ) -> QuantizerHooks:
     """Make ``model`` train with quantized activations and errors, without rewriting it.
 
     Forward hooks quantize the output of every conv/linear, activation and pooling module and the
     model's own output (as the reference code places its quantizers); the same points quantize
     the errors flowing back. Works on any ``nn.Module``, torchvision models included.
+    ``keep_codes``: hand the integer codes to the layers ``attach_integer_arithmetic`` reroutes
+    (the same values; it saves them re-deriving the codes).
     """
-    quantizer = Quantizer(activation, error, generator)
+    quantizer = Quantizer(activation, error, generator, keep_codes)
 
     def hook(_module: nn.Module, _inputs: object, output: object) -> object:
         if isinstance(output, torch.Tensor):

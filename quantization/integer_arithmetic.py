@@ -27,6 +27,7 @@ from torch import nn
 
 from . import integer_ops as ops
 from .format import BlockFloat
+from .grid_codes import attached_codes
 from .integer_ops import Codes, ConvGeometry, codes_on_grid, integer_layout_problem
 from .precision import TrainingPrecision
 
@@ -43,6 +44,7 @@ class _Route:
         self.error_fmt = precision.error
         self.logged: set[str] = set()
         self.integer_calls = 0
+        self.attached_codes = 0  # operands whose codes came with them (``grid_codes``)
 
     def fallback(self, reason: str) -> None:
         """Log that a product runs in float32, once per reason."""
@@ -56,6 +58,10 @@ class _Route:
         if problem is None and x.device.type != "cpu":
             problem = f"integer products run on CPU only; the {role} is on {x.device.type}"
         if problem is None:
+            attached = attached_codes(x, fmt)
+            if attached is not None:
+                self.attached_codes += 1
+                return Codes(*attached)
             codes = codes_on_grid(x, fmt)
             if codes is not None:
                 return codes
@@ -150,6 +156,8 @@ def _integer_forward(route: _Route, module: nn.Conv2d | nn.Linear) -> Callable[.
         x_codes = route.codes(x, route.activation_fmt, False, "input")
         w_codes = route.codes(module.weight, route.weight_fmt, True, "weight") if x_codes else None
         if x_codes is None or w_codes is None:
+            if x.dim() == 4:  # channels-last, as the integer layers' outputs: one order throughout
+                x = x.contiguous(memory_format=torch.channels_last)
             return original(x)
         route.integer_calls += 1
         return product(x, x_codes, w_codes)

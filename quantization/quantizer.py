@@ -65,6 +65,24 @@ def _flat_float32(x: torch.Tensor) -> torch.Tensor:
     return x.detach().to(torch.float32).contiguous().reshape(-1)
 
 
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """``torch.channels_last`` for a 4-d tensor stored only that way, else contiguous."""
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    if channels_last and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _channels_last_rows(x: torch.Tensor, num_blocks: int) -> tuple[int, int] | None:
+    """``(C, H*W)`` when the CPU kernel can quantize ``x`` in its own channels-last memory:
+    a 4-d float32 tensor stored channels-last (and not also contiguous) with one exponent.
+    The kernel then gives every element the dither of its logical index, so the result is
+    the same function; only the memory order is kept."""
+    if num_blocks != 1 or x.dtype != torch.float32 or memory_format_of(x) != torch.channels_last:
+        return None
+    return x.shape[1], x.shape[2] * x.shape[3]
+
+
 def _padded_blocks(flat: torch.Tensor, block_len: int, num_blocks: int) -> torch.Tensor:
     pad = num_blocks * block_len - flat.numel()
     if pad:
@@ -169,26 +187,45 @@ def _quantize(
     generator: torch.Generator | None,
     codes: bool,
     in_place: bool = False,
+    codes_beside: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes or float32 values shaped like ``x``, exponents) for ``x`` in format ``fmt``;
-    ``in_place``: write the values into ``x`` where the CPU kernel can (float32, contiguous)."""
+    ``in_place``: write the values into ``x`` where the CPU kernel can (float32, contiguous);
+    ``codes_beside``: an int8 tensor stored like ``x`` that the CPU kernel also writes the
+    values' codes into (formats of at most 8 bits)."""
     shape = tuple(x.shape)
-    flat = _flat_float32(x)
     block_len, num_blocks = fmt.block_length(shape), fmt.num_blocks(shape)
     mode = _ROUNDING_MODES[fmt.rounding]
     key = 0
     if mode == _cpu_kernels.ROUND_STOCHASTIC:
-        check_dither_size(flat.numel())
+        check_dither_size(x.numel())
         key = draw_key(generator)
     out_dtype = code_dtype(fmt.bits) if codes else torch.float32
-    if _cpu_kernels_enabled and flat.device.type == "cpu":
+    on_cpu = _cpu_kernels_enabled and x.device.type == "cpu"
+    rows = _channels_last_rows(x, num_blocks) if on_cpu else None
+    if rows is not None:  # quantized in memory order, returned channels-last
+        flat = x.detach().permute(0, 2, 3, 1).reshape(-1)
+        in_place = in_place and not codes and not x.is_inference()
+        result = x if in_place else torch.empty_like(x, dtype=out_dtype)
+        exps = torch.empty(1, dtype=torch.int16)
+        out = result.detach().permute(0, 2, 3, 1).reshape(-1)
+        beside = None if codes_beside is None else codes_beside.permute(0, 2, 3, 1).reshape(-1)
+        finite = _cpu_kernels.quantize_flat(
+            flat, block_len, fmt.bits, mode, split_key(key), codes, out, exps, rows, beside
+        )
+        if not finite:
+            raise ValueError(_NAN_MESSAGE)
+        return result, exps
+    flat = _flat_float32(x)
+    if on_cpu:
         in_place = (
             in_place and not codes and not x.is_inference() and flat.data_ptr() == x.data_ptr()
         )
         result = flat if in_place else torch.empty(flat.numel(), dtype=out_dtype)
         exps = torch.empty(num_blocks, dtype=torch.int16)
+        beside = None if codes_beside is None else codes_beside.view(-1)
         finite = _cpu_kernels.quantize_flat(
-            flat, block_len, fmt.bits, mode, split_key(key), codes, result, exps
+            flat, block_len, fmt.bits, mode, split_key(key), codes, result, exps, (0, 0), beside
         )
     else:
         result, exps, finite = _device_quantize(

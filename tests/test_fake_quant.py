@@ -195,3 +195,17 @@ def test_block_layout_backward_with_stochastic_rounding(bits):
     for block in _blocks_of(x.grad, 32):  # each block of 32 on its own grid
         assert torch.equal(quantize(block, nearest), block)
     assert not _on_grid(x.grad, BlockFloat(bits, layout="tensor"))
+
+
+def test_quantizer_keeps_channels_last_activations_and_errors_in_their_order():
+    fmt = BlockFloat(8, layout="tensor")
+    x = torch.randn(4, 6, 5, 5, generator=torch.Generator().manual_seed(0))
+    stored = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = quantize_flow(stored, fmt, fmt, torch.Generator().manual_seed(1))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    y.backward(torch.randn(x.shape, generator=torch.Generator().manual_seed(2)))  # NCHW error
+    assert stored.grad.is_contiguous(memory_format=torch.channels_last)
+    plain = x.clone().requires_grad_()
+    z = quantize_flow(plain, fmt, fmt, torch.Generator().manual_seed(1))
+    z.backward(torch.randn(x.shape, generator=torch.Generator().manual_seed(2)))
+    assert torch.equal(y, z) and torch.equal(stored.grad, plain.grad)

@@ -222,11 +222,61 @@ def test_small_cnn_learns_mnist_on_the_integer_path_with_weights_on_their_grid(m
     assert (
         integer_calls["features.3"] == result.steps and integer_calls["classifier"] == result.steps
     )
+    # the second conv's input and error came with their codes from the quantizers
+    assert calls["routes"]["features.3"].attached_codes == 2 * result.steps
     assert all("forward" not in vars(m) for m in model.modules())  # detached after training
     for param in model.parameters():
         assert torch.equal(quantize(param.data, BlockFloat(8, "channel", "nearest")), param.data)
     _, accuracy = evaluate_model(model, test, 256, torch.device("cpu"))
     assert accuracy > 0.75, accuracy  # chance: 0.1
+
+
+class _TwoConvs(nn.Module):
+    """conv -> GroupNorm -> ReLU -> pool -> conv (-> an in-place op on its input, optionally)."""
+
+    def __init__(self, touch_in_place: bool = False) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 8)
+        self.act = nn.ReLU()
+        self.pool = nn.AvgPool2d(2)
+        self.second = nn.Conv2d(8, 5, 3, padding=1)
+        self.touch_in_place = touch_in_place
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pool(self.act(self.norm(self.first(x))))
+        if self.touch_in_place:
+            h = h.mul_(1.0)  # same values, a new version: handed-over codes no longer count
+        return self.second(h)
+
+
+def _two_conv_run(keep_codes: bool, touch_in_place: bool = False):
+    torch.manual_seed(3)
+    model = _TwoConvs(touch_in_place)
+    p = precision(8)
+    for param in model.parameters():
+        quantize_(param.data, p.weight)
+    generator = torch.Generator().manual_seed(0)
+    hooks = attach_quantizers(model, p.activation, p.error, generator, keep_codes=keep_codes)
+    attached = attach_integer_arithmetic(model, p)
+    x = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    out = model(x)
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
+    hooks.remove()
+    attached.remove()
+    return out.detach(), [q.grad for q in model.parameters()], attached.routes["second"]
+
+
+@needs_onednn
+@pytest.mark.parametrize("touch_in_place", [False, True])
+def test_codes_handed_over_by_the_quantizers_give_the_same_numbers(touch_in_place):
+    out, grads, route = _two_conv_run(keep_codes=True, touch_in_place=touch_in_place)
+    want_out, want_grads, plain = _two_conv_run(keep_codes=False, touch_in_place=touch_in_place)
+    assert torch.equal(out, want_out)
+    assert all(torch.equal(a, b) for a, b in zip(grads, want_grads, strict=True))
+    assert route.integer_calls == plain.integer_calls == 1 and plain.attached_codes == 0
+    # input and error codes; the input's were invalidated by the in-place op
+    assert route.attached_codes == (1 if touch_in_place else 2)
 
 
 def test_conv_layers_stay_float32_where_onednn_is_inexact(monkeypatch, caplog):

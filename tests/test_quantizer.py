@@ -248,3 +248,32 @@ def test_in_place_quantize_is_seen_by_autograd():
     quantize_(x, BlockFloat(4, rounding="nearest"))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+@pytest.mark.parametrize("shape", [(32, 16, 9, 11), (3, 5, 7, 9), (1, 3, 1, 5), (2, 7, 1, 1)])
+def test_channels_last_tensors_quantize_to_the_same_values_and_stay_channels_last(
+    bits, rounding, shape, torch_threads
+):
+    torch_threads(2)  # the kernel's chunks then split channel rows
+    fmt = BlockFloat(bits, layout="tensor", rounding=rounding)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(bits))
+    stored = x.contiguous(memory_format=torch.channels_last)
+    values = quantize(stored, fmt, torch.Generator().manual_seed(1))
+    codes, exps = quantize_codes(stored, fmt, torch.Generator().manual_seed(1))
+    assert torch.equal(values, quantize(x, fmt, torch.Generator().manual_seed(1)))
+    want_codes, want_exps = quantize_codes(x, fmt, torch.Generator().manual_seed(1))
+    assert torch.equal(codes, want_codes) and torch.equal(exps, want_exps)
+    in_place = quantize_(stored.clone(), fmt, torch.Generator().manual_seed(1))
+    assert torch.equal(in_place, values)
+    for t in (values, codes, in_place):
+        assert t.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_channels_last_tensors_with_several_blocks_are_quantized_in_logical_order():
+    fmt = BlockFloat(8, layout="block", block_size=32)
+    x = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    stored = x.contiguous(memory_format=torch.channels_last)
+    got = quantize(stored, fmt, torch.Generator().manual_seed(1))
+    assert torch.equal(got, quantize(x, fmt, torch.Generator().manual_seed(1)))

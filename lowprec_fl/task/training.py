@@ -77,7 +77,9 @@ def train_local(
         raise ValueError(f"unknown arithmetic {arithmetic!r}: use one of {ARITHMETICS}")
     model.train()
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
-    hooks = attach_quantizers(model, precision.activation, precision.error, generator)
+    hooks = attach_quantizers(
+        model, precision.activation, precision.error, generator, keep_codes=arithmetic == "int8"
+    )
     integer = attach_integer_arithmetic(model, precision) if arithmetic == "int8" else None
     total_loss, seen, steps = 0.0, 0, 0
     try:

@@ -10,6 +10,7 @@ the same process, under the allocator setting the ClientApp uses (``lowprec_fl/t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -30,10 +31,17 @@ from quantization import (
     BlockFloat,
     LowBitState,
     LowPrecisionOptimizer,
+    QuantizedState,
     QuantizedTensor,
     TrainingPrecision,
     attach_quantizers,
     encode,
+)
+from quantization.compact_saved import (
+    attach_masked_relu,
+    pack_saved,
+    saved_as_codes,
+    unpack_saved,
 )
 from quantization.integer_arithmetic import attach_integer_arithmetic
 
@@ -94,6 +102,30 @@ def precision_at(bits: int, parameter_layout: str) -> TrainingPrecision:
     return TrainingPrecision(weight=param, grad=param, activation=flow, error=flow, state=param)
 
 
+def lowp_training(
+    precision: TrainingPrecision,
+    arithmetic: str = "fake",
+    make_model: Callable[[], nn.Module] = convnet,
+    device: torch.device = CPU,
+) -> tuple[nn.Module, LowPrecisionOptimizer, Callable[[], contextlib.AbstractContextManager]]:
+    """(model, optimizer, forward-pass context) set up as ``train_local`` sets them up:
+    weights ... optimizer state quantized; ``arithmetic="int8"``: conv/linear products on
+    integer codes, and codes and ReLU masks saved for backward (``train.arithmetic``)."""
+    model = make_model().to(device)
+    generator = torch.Generator().manual_seed(SEED)
+    integer = arithmetic == "int8"
+    attach_quantizers(model, precision.activation, precision.error, generator, keep_codes=integer)
+    saving: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    if integer:
+        attach_integer_arithmetic(model, precision)
+        attach_masked_relu(model)
+        saving = saved_as_codes
+    opt = LowPrecisionOptimizer.from_precision(
+        torch.optim.Adam(model.parameters(), lr=1e-3), precision, generator
+    )
+    return model, opt, saving
+
+
 def lowp_step_fn(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -101,22 +133,14 @@ def lowp_step_fn(
     arithmetic: str = "fake",
     make_model: Callable[[], nn.Module] = convnet,
 ) -> Callable[[], None]:
-    """A closure running one low-precision step (weights ... optimizer state quantized);
-    ``arithmetic="int8"``: conv/linear products on integer codes (``train.arithmetic``)."""
-    model = make_model().to(x.device)
-    generator = torch.Generator().manual_seed(SEED)
-    attach_quantizers(
-        model, precision.activation, precision.error, generator, keep_codes=arithmetic == "int8"
-    )
-    if arithmetic == "int8":
-        attach_integer_arithmetic(model, precision)
-    opt = LowPrecisionOptimizer.from_precision(
-        torch.optim.Adam(model.parameters(), lr=1e-3), precision, generator
-    )
+    """A closure running one low-precision step (``lowp_training``)."""
+    model, opt, saving = lowp_training(precision, arithmetic, make_model, x.device)
 
     def step() -> None:
         opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
+        with saving():
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
         opt.step()
 
     return step
@@ -172,6 +196,103 @@ def bench_train_step(device: torch.device = CPU, single_thread: bool = False) ->
         )
         for name, times in samples.items()
     ]
+
+
+def _state_bytes(opt: torch.optim.Optimizer) -> int:
+    total = 0
+    for state in opt.state.values():
+        for value in state.values():
+            total += value.nbytes() if isinstance(value, QuantizedState) else value.nbytes
+    return total
+
+
+def training_memory_bytes(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    compact: bool = False,
+) -> dict[str, int]:
+    """Bytes of a training step, by part: weights, gradients, optimizer state and the tensors
+    autograd saved for backward at the end of the forward pass (distinct storages, parameters
+    excluded; ``compact``: as ``saved_as_codes`` packs them); and ``peak``, the most bytes of
+    CPU tensors alive at any point of the step, temporaries included: what the step held when
+    it began (weights, last step's gradients, state) plus its largest allocation growth."""
+    params = list(model.parameters())
+    param_storages = {p.untyped_storage().data_ptr() for p in params}
+    saved: dict[int, int] = {}
+    pack, unpack = (pack_saved, unpack_saved) if compact else (lambda t: t, lambda t: t)
+
+    def step(count: bool) -> None:
+        opt.zero_grad()
+
+        def counting_pack(t: torch.Tensor) -> object:
+            packed = pack(t)
+            stored = packed if isinstance(packed, torch.Tensor) else packed.codes
+            storage = stored.untyped_storage()
+            if count and storage.data_ptr() not in param_storages:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return packed
+
+        with torch.autograd.graph.saved_tensors_hooks(counting_pack, unpack):
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+
+    step(count=False)  # the optimizer state exists from here on
+    held_before = sum(p.nbytes for p in params) * 2 + _state_bytes(getattr(opt, "optimizer", opt))
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        step(count=True)
+    return {
+        "weights": sum(p.nbytes for p in params),
+        "gradients": sum(p.grad.nbytes for p in params if p.grad is not None),
+        "optimizer_state": _state_bytes(getattr(opt, "optimizer", opt)),
+        "saved_activations": sum(saved.values()),
+        "peak": held_before + _peak_allocation_growth(prof),
+    }
+
+
+def _peak_allocation_growth(prof: torch.profiler.profile) -> int:
+    """The largest net growth of allocated CPU tensor bytes during a profiled span, from the
+    profiler's allocation and free events in time order."""
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def bench_train_step_memory() -> list[Figure]:
+    """The ConvNet step's memory (``training_memory_bytes``), every role at 8 bits and Adam's
+    state in the default 8-bit low-bit format, against the float32 step's: ``peak``, and
+    ``held`` (weights, gradients, state and saved tensors at the end of the forward pass)."""
+    x, y = training_batch()
+    torch.manual_seed(SEED)
+    fp32_model = convnet()
+    fp32 = training_memory_bytes(
+        fp32_model, torch.optim.Adam(fp32_model.parameters(), lr=1e-3), x, y
+    )
+    variants = {
+        "8bit": (replace(precision_at(8, "block"), state=LowBitState.at(8)), "fake"),
+        "int8": (replace(precision_at(8, "channel"), state=LowBitState.at(8)), "int8"),
+    }
+    figures = [Figure(f"train_step_memory_fp32_{k}_bytes", float(v), "B") for k, v in fp32.items()]
+    for name, (precision, arithmetic) in variants.items():
+        model, opt, _ = lowp_training(precision, arithmetic)
+        parts = training_memory_bytes(model, opt, x, y, compact=arithmetic == "int8")
+        target = "<= 0.6" if name == "int8" else None
+        peak = parts["peak"] / fp32["peak"]
+        held = (sum(parts.values()) - parts["peak"]) / (sum(fp32.values()) - fp32["peak"])
+        figures += [
+            Figure(f"train_step_peak_memory_{name}_vs_fp32", peak, "x", target),
+            Figure(f"train_step_held_memory_{name}_vs_fp32", held, "x"),
+        ]
+        figures += [
+            Figure(f"train_step_memory_{name}_{k}_bytes", float(v), "B") for k, v in parts.items()
+        ]
+    return figures
 
 
 def bench_resnet_step() -> list[Figure]:
@@ -424,6 +545,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     retain_freed_memory()  # as the ClientApp does (train.retain_freed_memory), for every variant
     benches: tuple[Callable[[], list[Figure]], ...] = (
+        bench_train_step_memory,
         bench_train_step,
         lambda: bench_train_step(single_thread=True),
         bench_resnet_step,

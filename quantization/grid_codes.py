@@ -77,3 +77,9 @@ def attached_codes(x: torch.Tensor, fmt: BlockFloat) -> tuple[torch.Tensor, torc
         return None
     *_, step = _scales(attached.exponent, fmt.bits, attached.codes.device)
     return attached.codes, step
+
+
+def codes_format(x: torch.Tensor) -> BlockFloat | None:
+    """The format of the codes attached to ``x``, or None when it carries none."""
+    attached = getattr(x, _ATTRIBUTE, None)
+    return attached.fmt if isinstance(attached, GridCodes) else None

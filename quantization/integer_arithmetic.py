@@ -19,7 +19,6 @@ where oneDNN's int8 convolution is missing or inexact.
 from __future__ import annotations
 
 import logging
-import types
 from collections.abc import Callable
 
 import torch
@@ -30,6 +29,7 @@ from .format import BlockFloat
 from .grid_codes import attached_codes
 from .integer_ops import Codes, ConvGeometry, codes_on_grid, integer_layout_problem
 from .precision import TrainingPrecision
+from .rerouting import ReroutedModules
 
 log = logging.getLogger(__name__)
 
@@ -176,27 +176,17 @@ def _conv_problem(module: nn.Conv2d) -> str | None:
     return ops.onednn_int8_conv_exact()
 
 
-class IntegerArithmetic:
+class IntegerArithmetic(ReroutedModules):
     """The layers ``attach_integer_arithmetic`` rerouted; ``remove()`` restores them."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.routes: dict[str, _Route] = {}
-        self._modules: list[nn.Module] = []
 
     def add(self, module: nn.Module, route: _Route, forward: Callable) -> None:
         """Route ``module``'s forward through ``forward``."""
-        module.forward = types.MethodType(lambda _self, x: forward(x), module)
+        self.reroute(module, forward)
         self.routes[route.name] = route
-        self._modules.append(module)
-
-    def remove(self) -> None:
-        """Give every rerouted layer its own forward back."""
-        for module in self._modules:
-            del module.forward
-        self._modules.clear()
-
-    def __len__(self) -> int:
-        return len(self._modules)
 
 
 def attach_integer_arithmetic(model: nn.Module, precision: TrainingPrecision) -> IntegerArithmetic:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from lowprec_fl.federated_data import ImageData
 from quantization import LowPrecisionOptimizer, TrainingPrecision, attach_quantizers
+from quantization.compact_saved import attach_masked_relu, saved_as_codes
 from quantization.integer_arithmetic import attach_integer_arithmetic
 
 
@@ -71,7 +73,8 @@ def train_local(
     """Train in low precision; adds FedProx's ``mu/2 ||w - w_global||^2`` when mu > 0.
 
     ``arithmetic="int8"`` runs conv and linear products as integer products (the same
-    function; ``quantization.integer_arithmetic``), ``"fake"`` in float32.
+    function; ``quantization.integer_arithmetic``) and keeps what backward needs as int8 codes
+    and ReLU masks (``quantization.compact_saved``); ``"fake"`` computes in float32.
     """
     if arithmetic not in ARITHMETICS:
         raise ValueError(f"unknown arithmetic {arithmetic!r}: use one of {ARITHMETICS}")
@@ -81,13 +84,16 @@ def train_local(
         model, precision.activation, precision.error, generator, keep_codes=arithmetic == "int8"
     )
     integer = attach_integer_arithmetic(model, precision) if arithmetic == "int8" else None
+    relus = attach_masked_relu(model) if arithmetic == "int8" else None
+    saving = saved_as_codes if arithmetic == "int8" else contextlib.nullcontext
     total_loss, seen, steps = 0.0, 0, 0
     try:
         for _ in range(epochs):
             for images, labels in data.batches(batch_size, shuffle=True, generator=generator):
                 images, labels = images.to(device), labels.to(device)
                 optimizer.zero_grad()
-                loss = nn.functional.cross_entropy(model(images), labels)
+                with saving():
+                    loss = nn.functional.cross_entropy(model(images), labels)
                 objective = loss
                 if global_params:
                     drift = sum(
@@ -108,6 +114,8 @@ def train_local(
         hooks.remove()
         if integer is not None:
             integer.remove()
+        if relus is not None:
+            relus.remove()
     if seen == 0:
         raise ValueError("the local training split is empty: lower partition.test_fraction")
     return TrainResult(loss=total_loss / seen, num_examples=seen, steps=steps)

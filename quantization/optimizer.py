@@ -11,7 +11,7 @@ import torch
 from .codec import QuantizedTensor, encode
 from .format import BlockFloat
 from .precision import TrainingPrecision
-from .quantizer import quantize_
+from .quantizer import quantize_, quantize_many_
 from .state_codec import LowBitState, QuantizedState, StateFormat, quantize_state
 
 #: Optimizer state that divides the update (Adam/AdamW, RMSprop, Adagrad): kept as sqrt, rounded up.
@@ -79,8 +79,7 @@ class LowPrecisionOptimizer:
     @torch.no_grad()
     def quantize_weights(self) -> None:
         """Put every parameter onto the weight grid (done at construction and after each step)."""
-        for p in self._params():
-            quantize_(p.data, self.weight_fmt, self.generator)
+        quantize_many_([p.data for p in self._params()], self.weight_fmt, self.generator)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients."""
@@ -98,9 +97,8 @@ class LowPrecisionOptimizer:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for p in self._params():
-            if p.grad is not None:
-                quantize_(p.grad, self.grad_fmt, self.generator)
+        grads = [p.grad for p in self._params() if p.grad is not None]
+        quantize_many_(grads, self.grad_fmt, self.generator)
         low_bit = isinstance(self.state_fmt, LowBitState)
         stepped = [p for p in self._params() if p.grad is not None]
         if low_bit:

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
 
-from . import _cpu_kernels
+from . import _cpu_kernels, _multi_tensor
 from .dither import check_dither_size, draw_key, hash_counters, split_key
 from .format import EXPONENT_MAX, EXPONENT_MIN, BlockFloat
 
@@ -270,6 +270,39 @@ def quantize_(
         return x.copy_(values)
     torch.autograd.graph.increment_version(x)  # the kernel wrote x's memory behind autograd
     return x
+
+
+@torch.no_grad()
+def quantize_many_(
+    tensors: Iterable[torch.Tensor], fmt: BlockFloat, generator: torch.Generator | None = None
+) -> None:
+    """``quantize_`` each tensor in place, in one kernel call per pass for all of them
+    (parameters, gradients): the same values as quantizing them one after another with the
+    same generator, without the per-call overhead. Tensors the CPU kernel cannot take in
+    place (other devices, dtypes or layouts) are quantized one by one instead."""
+    tensors = [t for t in tensors if t.numel() > 0]
+    if not fmt.enabled or not tensors:
+        return
+    in_place = _cpu_kernels_enabled and all(
+        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+        and not t.is_inference()
+        for t in tensors
+    )  # fmt: skip
+    if not in_place:
+        for t in tensors:
+            quantize_(t, fmt, generator)
+        return
+    mode = _ROUNDING_MODES[fmt.rounding]
+    keys = []
+    for t in tensors:
+        check_dither_size(t.numel())
+        keys.append(split_key(draw_key(generator) if mode == _cpu_kernels.ROUND_STOCHASTIC else 0))
+    block_lens = [fmt.block_length(tuple(t.shape)) for t in tensors]
+    flats = [t.view(-1) for t in tensors]
+    if not _multi_tensor.quantize_many_flat(flats, block_lens, fmt.bits, mode, keys):
+        raise ValueError(_NAN_MESSAGE)
+    for t in tensors:
+        torch.autograd.graph.increment_version(t)  # the kernel wrote t's memory behind autograd
 
 
 def quantize_codes(

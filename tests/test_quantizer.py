@@ -18,7 +18,7 @@ from quantization import (
     torch_backend,
 )
 from quantization.dither import dither_bits, draw_key
-from quantization.quantizer import dequantize_codes
+from quantization.quantizer import dequantize_codes, quantize_many_
 from tests.reference_bfp import reference_quantize
 
 LAYOUTS = [
@@ -277,3 +277,52 @@ def test_channels_last_tensors_with_several_blocks_are_quantized_in_logical_orde
     stored = x.contiguous(memory_format=torch.channels_last)
     got = quantize(stored, fmt, torch.Generator().manual_seed(1))
     assert torch.equal(got, quantize(x, fmt, torch.Generator().manual_seed(1)))
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        BlockFloat(8, "block", block_size=32),
+        BlockFloat(8, "channel"),
+        BlockFloat(6, "tensor"),  # blocks longer than a chunk: partial maxima merged
+        BlockFloat(4, "auto", "nearest"),
+        BlockFloat(12, "block", block_size=1000),
+    ],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_many_tensors_in_one_call_equal_one_call_each(fmt, threads, torch_threads):
+    torch_threads(threads)
+    shapes = [(16, 1, 3, 3), (16,), (5,), (7, 100_003), (0,), (1,), (10, 33)]
+    tensors = [
+        torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)
+    ]
+    one_by_one = [t.clone() for t in tensors]
+    together = [t.clone() for t in tensors]
+    generator, generator_many = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for t in one_by_one:
+        quantize_(t, fmt, generator)
+    quantize_many_(together, fmt, generator_many)
+    assert all(torch.equal(a, b) for a, b in zip(one_by_one, together, strict=True))
+    # the generator advanced alike: the next draw matches
+    assert torch.equal(torch.rand(3, generator=generator), torch.rand(3, generator=generator_many))
+
+
+def test_many_tensors_with_a_nan_raise_and_write_nothing():
+    tensors = [torch.randn(100), torch.randn(50)]
+    tensors[1][7] = float("nan")
+    before = [t.clone() for t in tensors]
+    with pytest.raises(ValueError, match="NaN or inf"):
+        quantize_many_(tensors, BlockFloat(8))
+    assert torch.equal(tensors[0], before[0])
+
+
+def test_many_tensors_not_all_contiguous_are_quantized_one_by_one_alike():
+    fmt = BlockFloat(8, "tensor")
+    base = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    mixed = [base.t(), torch.randn(5, generator=torch.Generator().manual_seed(1))]
+    want = [t.clone() for t in mixed]
+    generator = torch.Generator().manual_seed(2)
+    for t in want:
+        quantize_(t, fmt, generator)
+    quantize_many_(mixed, fmt, torch.Generator().manual_seed(2))
+    assert all(torch.equal(a, b) for a, b in zip(mixed, want, strict=True))

@@ -127,8 +127,10 @@ class _IntegerLinear(torch.autograd.Function):
         w = Codes(w_codes, w_steps)
         rows = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_w = None
-        dy = route.codes(rows, route.error_fmt, False, "error") if need_x or need_w else None
+        # one exponent for the whole error: its codes are those of ``grad`` (handed over), as rows
+        dy = route.codes(grad, route.error_fmt, False, "error") if need_x or need_w else None
         if dy is not None:
+            dy = Codes(dy.codes.reshape(rows.shape), dy.steps)
             grad_x = ops.linear_grad_input(dy, w).reshape(shape) if need_x else None
             grad_w = ops.linear_grad_weight(dy, x) if need_w else None
         else:

@@ -224,6 +224,7 @@ def test_small_cnn_learns_mnist_on_the_integer_path_with_weights_on_their_grid(m
     )
     # the second conv's input and error came with their codes from the quantizers
     assert calls["routes"]["features.3"].attached_codes == 2 * result.steps
+    assert calls["routes"]["classifier"].attached_codes == result.steps  # its error
     assert all("forward" not in vars(m) for m in model.modules())  # detached after training
     for param in model.parameters():
         assert torch.equal(quantize(param.data, BlockFloat(8, "channel", "nearest")), param.data)

@@ -206,12 +206,15 @@ def _encode_worker(data):
 
 
 def encode_blocks(x, block, values, table, signed, stochastic, k1, k2, bits, codes, scales):
-    """Encode contiguous float32 ``x`` (1-d numpy) into ``codes`` (uint8, wire layout) and
-    ``scales`` (one per ``block`` elements), on torch's OpenMP threads when torch runs
-    several and ``x`` is large; returns ``STATE_OK``, or ``STATE_NOT_FINITE`` /
+    """Encode contiguous float32 ``x`` (1-d CPU tensor) into ``codes`` (uint8, wire layout)
+    and ``scales`` (one per ``block`` elements), given the map's ``values`` (float32) and
+    lookup ``table`` (uint8) as contiguous tensors; on torch's OpenMP threads when torch runs
+    several and ``x`` is large. Returns ``STATE_OK``, or ``STATE_NOT_FINITE`` /
     ``STATE_NEGATIVE`` (an unsigned map given a negative value) having written partial output.
-    Results do not depend on the threads: a dither depends only on the element's index."""
-    n = x.size
+    Results do not depend on the threads: a dither depends only on the element's index.
+    Addresses are read with ``data_ptr()``: numpy's ``ctypes.data`` costs microseconds a call,
+    and an optimizer step encodes every state tensor."""
+    n = x.numel()
     if n == 0:
         return STATE_OK
     num_blocks = -(-n // block)
@@ -220,9 +223,9 @@ def encode_blocks(x, block, values, table, signed, stochastic, k1, k2, bits, cod
     chunk_blocks = max(1, chunk_len // block)
     num_chunks = -(-num_blocks // chunk_blocks)
     args = array("q", bytes(8 * _NUM_ARGS))
-    args[_X], args[_CODES], args[_SCALES] = (a.ctypes.data for a in (x, codes, scales))
-    args[_VALUES], args[_TABLE] = values.ctypes.data, table.ctypes.data
-    args[_N], args[_BLOCK], args[_NUM_VALUES] = n, block, values.size
+    args[_X], args[_CODES], args[_SCALES] = x.data_ptr(), codes.data_ptr(), scales.data_ptr()
+    args[_VALUES], args[_TABLE] = values.data_ptr(), table.data_ptr()
+    args[_N], args[_BLOCK], args[_NUM_VALUES] = n, block, values.numel()
     args[_SIGNED], args[_STOCHASTIC] = int(signed), int(stochastic)
     args[_K1], args[_K2] = int(k1), int(k2)
     args[_BITS], args[_CHUNK_BLOCKS], args[_NUM_CHUNKS] = bits, chunk_blocks, num_chunks
@@ -230,8 +233,8 @@ def encode_blocks(x, block, values, table, signed, stochastic, k1, k2, bits, cod
     return args[_STATUS]
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def decode_blocks(codes, scales, block, values, bits, out):
+@njit(inline="always")
+def _decode(codes, scales, block, values, bits, out):
     """``out[i] = Q[index_i] * scales[i // block]`` for codes in the wire layout, a block at a
     time (no division per element)."""
     n = out.size
@@ -252,3 +255,33 @@ def decode_blocks(codes, scales, block, values, bits, out):
                 dest[2 * j + 1] = values[(byte >> 4) ^ 8] * s
             if dest.size % 2:
                 dest[dest.size - 1] = values[(np.int32(src[dest.size // 2]) & 15) ^ 8] * s
+
+
+(_D_CODES, _D_SCALES, _D_VALUES, _D_OUT, _D_N, _D_BLOCK, _D_NUM_VALUES, _D_BITS) = range(8)
+
+
+@cfunc(types.void(types.voidptr), cache=True, nopython=True)
+def _decode_worker(data):
+    """``_decode`` on the arrays an int64 argument vector points at."""
+    args = carray(data, 8, dtype=np.int64)
+    n, block, bits = args[_D_N], args[_D_BLOCK], args[_D_BITS]
+    num_blocks = (n + block - 1) // block
+    codes = carray(_as_pointer(args[_D_CODES]), n if bits == 8 else (n + 1) // 2, dtype=np.uint8)
+    scales = carray(_as_pointer(args[_D_SCALES]), num_blocks, dtype=np.float32)
+    values = carray(_as_pointer(args[_D_VALUES]), args[_D_NUM_VALUES], dtype=np.float32)
+    out = carray(_as_pointer(args[_D_OUT]), n, dtype=np.float32)
+    _decode(codes, scales, block, values, bits, out)
+
+
+def decode_blocks(codes, scales, block, values, bits, out):
+    """Decode ``codes`` (uint8, wire layout) and ``scales`` into float32 ``out`` (contiguous
+    CPU tensors; ``values`` is the map) on the calling thread, through a compiled callback:
+    calling a numba function with arrays costs more than the decode of a small tensor."""
+    if out.numel() == 0:
+        return
+    args = array("q", [0] * 8)
+    args[_D_CODES], args[_D_SCALES] = codes.data_ptr(), scales.data_ptr()
+    args[_D_VALUES], args[_D_OUT] = values.data_ptr(), out.data_ptr()
+    args[_D_N], args[_D_BLOCK] = out.numel(), block
+    args[_D_NUM_VALUES], args[_D_BITS] = values.numel(), bits
+    run_worker(_decode_worker, args, 1)

@@ -179,14 +179,8 @@ class QuantizedState:
         fmt, numel = self.fmt, math.prod(self.shape)
         if _kernel_applies(self.codes, self.shape, fmt):
             out = torch.empty(numel, dtype=torch.float32)
-            _state_kernels.decode_blocks(
-                self.codes.numpy(),
-                self.scales.numpy(),
-                fmt.block_size,
-                fmt.values.numpy(),
-                fmt.bits,
-                out.numpy(),
-            )
+            codes, scales = self.codes.contiguous(), self.scales.contiguous()
+            _state_kernels.decode_blocks(codes, scales, fmt.block_size, fmt.values, fmt.bits, out)
             return out.reshape(self.shape)
         values = fmt.values.to(self.codes.device)[self.indices.long()].reshape(-1)
         return (values * _expand_scales(self.scales, self.shape, fmt)).reshape(self.shape)
@@ -369,17 +363,17 @@ def quantize_state(
         scales = torch.empty(num_scales(shape, fmt), dtype=torch.float32)
         k1, k2 = split_key(key)
         status = _state_kernels.encode_blocks(
-            flat.numpy(),
+            flat,
             fmt.block_size,
-            fmt.values.numpy(),
-            _bucket_table(fmt.bits, fmt.code_map, fmt.signed).numpy(),
+            fmt.values,
+            _bucket_table(fmt.bits, fmt.code_map, fmt.signed),
             fmt.signed,
             fmt.rounding == "stochastic",
-            np.uint32(k1),
-            np.uint32(k2),
+            k1,
+            k2,
             fmt.bits,
-            codes.numpy(),
-            scales.numpy(),
+            codes,
+            scales,
         )
         _raise_for(status, fmt)
         return QuantizedState(codes, scales, shape, fmt)

@@ -153,6 +153,34 @@ def _keys_range(bits, block_len, start, stop, keys):
         keys[b] = _segment_key_max(bits[i0:i1])
 
 
+@njit(inline="always")
+def _block_scaling(key, nbits, codes_only):
+    """(exponent, scale_a, scale_b, step) of a block from its magnitude key."""
+    e = _exponent_of_key(key)
+    k = nbits - 2 - e
+    scale_a = _POW2[k // 2 + _POW2_OFFSET]
+    scale_b = _POW2[k - k // 2 + _POW2_OFFSET]
+    step = _F32(1.0) if codes_only else _POW2[-k + _POW2_OFFSET]
+    return e, scale_a, scale_b, step
+
+
+@njit(inline="always")
+def _round_slice(
+    x, out, codes, i0, i1, first, stride, scale_a, scale_b, step, lo, hi, mode, k1, k2
+):
+    """``_round_segment`` of ``x[i0:i1]`` into ``out`` (None: in place, through the very same
+    slice, as two would look like aliases to LLVM) and, unless None, ``codes``."""
+    xs = x[i0:i1]
+    if out is None:
+        _round_segment(xs, xs, first, stride, scale_a, scale_b, step, lo, hi, mode, k1, k2, None)
+    elif codes is None:
+        outs = out[i0:i1]
+        _round_segment(xs, outs, first, stride, scale_a, scale_b, step, lo, hi, mode, k1, k2, None)
+    else:
+        outs, cs = out[i0:i1], codes[i0:i1]
+        _round_segment(xs, outs, first, stride, scale_a, scale_b, step, lo, hi, mode, k1, k2, cs)
+
+
 @njit(cache=True)  # not inlined: each ``out`` type (None included) compiles on its own
 def _round_range(
     x, block_len, start, stop, nbits, mode, k1, k2, codes_only, keys, out, exps, codes
@@ -163,23 +191,11 @@ def _round_range(
     lo = _F32(-(1 << (nbits - 1)))
     hi = _F32((1 << (nbits - 1)) - 1)
     for b in range(start // block_len, (stop - 1) // block_len + 1):
-        e = _exponent_of_key(keys[b])
+        e, scale_a, scale_b, step = _block_scaling(keys[b], nbits, codes_only)
         if b * block_len >= start:
             exps[b] = e
-        k = nbits - 2 - e
-        scale_a = _POW2[k // 2 + _POW2_OFFSET]
-        scale_b = _POW2[k - k // 2 + _POW2_OFFSET]
-        step = _F32(1.0) if codes_only else _POW2[-k + _POW2_OFFSET]
         i0, i1 = max(start, b * block_len), min(stop, (b + 1) * block_len)
-        xs = x[i0:i1]
-        if out is None:  # through the very same slice: two would look like aliases to LLVM
-            _round_segment(xs, xs, i0, 1, scale_a, scale_b, step, lo, hi, mode, k1, k2, None)
-        elif codes is None:
-            outs = out[i0:i1]
-            _round_segment(xs, outs, i0, 1, scale_a, scale_b, step, lo, hi, mode, k1, k2, None)
-        else:
-            outs, cs = out[i0:i1], codes[i0:i1]
-            _round_segment(xs, outs, i0, 1, scale_a, scale_b, step, lo, hi, mode, k1, k2, cs)
+        _round_slice(x, out, codes, i0, i1, i0, 1, scale_a, scale_b, step, lo, hi, mode, k1, k2)
 
 
 @njit(cache=True)  # not inlined, as ``_round_range``
@@ -192,13 +208,9 @@ def _round_rows(
     so results equal those of the same tensor stored contiguously."""
     lo = _F32(-(1 << (nbits - 1)))
     hi = _F32((1 << (nbits - 1)) - 1)
-    e = _exponent_of_key(keys[0])
+    e, scale_a, scale_b, step = _block_scaling(keys[0], nbits, codes_only)
     if start == 0:
         exps[0] = e
-    k = nbits - 2 - e
-    scale_a = _POW2[k // 2 + _POW2_OFFSET]
-    scale_b = _POW2[k - k // 2 + _POW2_OFFSET]
-    step = _F32(1.0) if codes_only else _POW2[-k + _POW2_OFFSET]
     i0 = start
     while i0 < stop:
         row = i0 // row_len
@@ -206,16 +218,9 @@ def _round_rows(
         i1 = min(stop, (row + 1) * row_len)
         sample = row // plane
         first = sample * row_len * plane + (row - sample * plane) + channel * plane
-        xs = x[i0:i1]
-        f, p = first, plane
-        if out is None:  # in place (parameters): no codes beside
-            _round_segment(xs, xs, f, p, scale_a, scale_b, step, lo, hi, mode, k1, k2, None)
-        elif codes is None:
-            outs = out[i0:i1]
-            _round_segment(xs, outs, f, p, scale_a, scale_b, step, lo, hi, mode, k1, k2, None)
-        else:
-            outs, cs = out[i0:i1], codes[i0:i1]
-            _round_segment(xs, outs, f, p, scale_a, scale_b, step, lo, hi, mode, k1, k2, cs)
+        _round_slice(
+            x, out, codes, i0, i1, first, plane, scale_a, scale_b, step, lo, hi, mode, k1, k2
+        )
         i0 = i1
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .grid_codes import attached_codes, codes_format
+from .grid_codes import attached_codes
 from .rerouting import ReroutedModules
 
 
@@ -36,8 +36,7 @@ class _SavedCodes:
 def pack_saved(t: torch.Tensor) -> torch.Tensor | _SavedCodes:
     """Autograd's pack hook: a saved tensor that carries valid codes is kept as those codes
     (one byte an element instead of four); any other tensor as itself."""
-    fmt = codes_format(t)
-    attached = None if fmt is None else attached_codes(t, fmt)
+    attached = attached_codes(t)
     if attached is None:
         return t
     return _SavedCodes(*attached, t.requires_grad)

@@ -64,22 +64,18 @@ def quantize_with_codes(
     return values
 
 
-def attached_codes(x: torch.Tensor, fmt: BlockFloat) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(int8 codes, float32 step) that ``quantize_with_codes`` attached to ``x`` in a format
-    on ``fmt``'s grid, or None when there are none or ``x`` changed since."""
+def attached_codes(
+    x: torch.Tensor, fmt: BlockFloat | None = None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(int8 codes, float32 step) that ``quantize_with_codes`` attached to ``x`` (in a format
+    on ``fmt``'s grid, when given), or None when there are none or ``x`` changed since."""
     attached = getattr(x, _ATTRIBUTE, None)
     if (
         not isinstance(attached, GridCodes)
-        or not _same_grid(attached.fmt, fmt)
+        or (fmt is not None and not _same_grid(attached.fmt, fmt))
         or attached.version != x._version
         or attached.codes.shape != x.shape
     ):
         return None
-    *_, step = _scales(attached.exponent, fmt.bits, attached.codes.device)
+    *_, step = _scales(attached.exponent, attached.fmt.bits, attached.codes.device)
     return attached.codes, step
-
-
-def codes_format(x: torch.Tensor) -> BlockFloat | None:
-    """The format of the codes attached to ``x``, or None when it carries none."""
-    attached = getattr(x, _ATTRIBUTE, None)
-    return attached.fmt if isinstance(attached, GridCodes) else None

@@ -11,7 +11,14 @@ from .format import FP32, BlockFloat
 from .optimizer import LowPrecisionOptimizer
 from .precision import TrainingPrecision
 from .quantizer import block_exponents, quantize, quantize_, quantize_codes, torch_backend
-from .state_codec import LowBitState, QuantizedState, StateFormat, quantize_state
+from .state_codec import (
+    LowBitState,
+    QuantizedState,
+    StateFormat,
+    decode_states,
+    quantize_state,
+    quantize_states,
+)
 
 __all__ = [
     "FP32",
@@ -26,11 +33,13 @@ __all__ = [
     "attach_quantizers",
     "block_exponents",
     "decode",
+    "decode_states",
     "encode",
     "quantize",
     "quantize_",
     "quantize_codes",
     "quantize_flow",
     "quantize_state",
+    "quantize_states",
     "torch_backend",
 ]

@@ -16,6 +16,7 @@ the BFP kernel's do (``_openmp.py``).
 from __future__ import annotations
 
 from array import array
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -161,84 +162,63 @@ def _encode_range(x, block, values, table, signed, stochastic, k1, k2, bits, cod
     return STATE_OK
 
 
-# The worker reads its arguments from one int64 vector (addresses and scalars), so the same
-# compiled callback serves the calling thread and torch's OpenMP threads (as in _cpu_kernels).
-(_X, _CODES, _SCALES, _VALUES, _TABLE, _N, _BLOCK, _NUM_VALUES) = range(8)
-(_SIGNED, _STOCHASTIC, _K1, _K2, _BITS, _CHUNK_BLOCKS, _NUM_CHUNKS, _NEXT, _STATUS) = range(8, 17)
-_NUM_ARGS = 17
-
-
-@cfunc(types.void(types.voidptr), cache=True, nopython=True)
-def _encode_worker(data):
-    """Claim chunks of whole blocks until none is left and encode each."""
-    args = carray(data, _NUM_ARGS, dtype=np.int64)
-    n, block, bits = args[_N], args[_BLOCK], args[_BITS]
-    num_blocks = (n + block - 1) // block
-    x = carray(_as_pointer(args[_X]), n, dtype=np.float32)
-    codes = carray(_as_pointer(args[_CODES]), n if bits == 8 else (n + 1) // 2, dtype=np.uint8)
-    scales = carray(_as_pointer(args[_SCALES]), num_blocks, dtype=np.float32)
-    values = carray(_as_pointer(args[_VALUES]), args[_NUM_VALUES], dtype=np.float32)
-    table = carray(_as_pointer(args[_TABLE]), 2 * BUCKETS_PER_SIGN, dtype=np.uint8)
-    k1, k2 = _U32(args[_K1]), _U32(args[_K2])
-    while True:
-        chunk = _claim(data, _NEXT)
-        if chunk >= args[_NUM_CHUNKS]:
-            return
-        b0 = chunk * args[_CHUNK_BLOCKS]
-        b1 = min(num_blocks, b0 + args[_CHUNK_BLOCKS])
-        status = _encode_range(
-            x,
-            block,
-            values,
-            table,
-            args[_SIGNED] != 0,
-            args[_STOCHASTIC] != 0,
-            k1,
-            k2,
-            bits,
-            codes,
-            scales,
-            b0,
-            b1,
-        )
-        if status != STATE_OK:
-            args[_STATUS] = status
-
-
-def encode_blocks(x, block, values, table, signed, stochastic, k1, k2, bits, codes, scales):
-    """Encode contiguous float32 ``x`` (1-d CPU tensor) into ``codes`` (uint8, wire layout)
-    and ``scales`` (one per ``block`` elements), given the map's ``values`` (float32) and
-    lookup ``table`` (uint8) as contiguous tensors; on torch's OpenMP threads when torch runs
-    several and ``x`` is large. Returns ``STATE_OK``, or ``STATE_NOT_FINITE`` /
-    ``STATE_NEGATIVE`` (an unsigned map given a negative value) having written partial output.
-    Results do not depend on the threads: a dither depends only on the element's index.
-    Addresses are read with ``data_ptr()``: numpy's ``ctypes.data`` costs microseconds a call,
-    and an optimizer step encodes every state tensor."""
-    n = x.numel()
-    if n == 0:
-        return STATE_OK
-    num_blocks = -(-n // block)
-    threads = torch.get_num_threads()
-    chunk_len, _, _ = _chunking(n, block, threads)  # the BFP kernel's chunks, whole blocks here
-    chunk_blocks = max(1, chunk_len // block)
-    num_chunks = -(-num_blocks // chunk_blocks)
-    args = array("q", bytes(8 * _NUM_ARGS))
-    args[_X], args[_CODES], args[_SCALES] = x.data_ptr(), codes.data_ptr(), scales.data_ptr()
-    args[_VALUES], args[_TABLE] = values.data_ptr(), table.data_ptr()
-    args[_N], args[_BLOCK], args[_NUM_VALUES] = n, block, values.numel()
-    args[_SIGNED], args[_STOCHASTIC] = int(signed), int(stochastic)
-    args[_K1], args[_K2] = int(k1), int(k2)
-    args[_BITS], args[_CHUNK_BLOCKS], args[_NUM_CHUNKS] = bits, chunk_blocks, num_chunks
-    run_worker(_encode_worker, args, min(threads, num_chunks))
-    return args[_STATUS]
+# One row per tensor of an int64 table (addresses and scalars), and a call's header, so the
+# same compiled callback serves the calling thread and torch's OpenMP threads (as in
+# _cpu_kernels) and one call covers every state tensor of an optimizer step: each tensor on
+# its own costs some 20 us of Python and dispatch around a kernel that may run for a few.
+(_R_X, _R_CODES, _R_SCALES, _R_VALUES, _R_TABLE, _R_N, _R_BLOCK, _R_NUM_VALUES) = range(8)
+(_R_SIGNED, _R_STOCHASTIC, _R_K1, _R_K2, _R_BITS, _R_CHUNK_BLOCKS, _R_FIRST) = range(8, 15)
+_ROW = 15
+(_H_TABLE, _H_TENSORS, _H_CHUNKS, _H_NEXT, _H_STATUS, _H_DECODE) = range(6)
+_HEADER = 6
 
 
 @njit(inline="always")
-def _decode(codes, scales, block, values, bits, out):
-    """``out[i] = Q[index_i] * scales[i // block]`` for codes in the wire layout, a block at a
-    time (no division per element)."""
+def _row_of(table, tensors, chunk):
+    """The row of the tensor holding global chunk ``chunk`` (rows in order of first chunk)."""
+    lo, hi = 0, tensors - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if table[mid * _ROW + _R_FIRST] <= chunk:
+            lo = mid
+        else:
+            hi = mid - 1
+    return table[lo * _ROW : (lo + 1) * _ROW]
+
+
+@njit(inline="always")
+def _row_arrays(row):
+    """(codes, scales, values) of a row: its packed codes, one scale a block, the map."""
+    n, block, bits = row[_R_N], row[_R_BLOCK], row[_R_BITS]
+    num_blocks = (n + block - 1) // block
+    codes = carray(_as_pointer(row[_R_CODES]), n if bits == 8 else (n + 1) // 2, dtype=np.uint8)
+    scales = carray(_as_pointer(row[_R_SCALES]), num_blocks, dtype=np.float32)
+    values = carray(_as_pointer(row[_R_VALUES]), row[_R_NUM_VALUES], dtype=np.float32)
+    return codes, scales, values
+
+
+@njit(inline="always")
+def _next_blocks(data):
+    """(row, first block, end block) of the next unclaimed chunk of any tensor of the call;
+    the end is -1 when none is left."""
+    header = carray(data, _HEADER, dtype=np.int64)
+    tensors = header[_H_TENSORS]
+    table = carray(_as_pointer(header[_H_TABLE]), tensors * _ROW, dtype=np.int64)
+    chunk = _claim(data, _H_NEXT)
+    if chunk >= header[_H_CHUNKS]:
+        return table[:_ROW], 0, -1
+    row = _row_of(table, tensors, chunk)
+    num_blocks = (row[_R_N] + row[_R_BLOCK] - 1) // row[_R_BLOCK]
+    b0 = (chunk - row[_R_FIRST]) * row[_R_CHUNK_BLOCKS]
+    return row, b0, min(num_blocks, b0 + row[_R_CHUNK_BLOCKS])
+
+
+@njit(inline="always")
+def _decode_range(codes, scales, block, values, bits, out, b0, b1):
+    """``out[i] = Q[index_i] * scales[i // block]`` over blocks ``[b0, b1)``, codes in the
+    wire layout, a block at a time (no division per element)."""
     n = out.size
-    for b in range(scales.size):
+    for b in range(b0, b1):
         start = b * block
         stop = min(n, start + block)
         s = scales[b]
@@ -257,31 +237,102 @@ def _decode(codes, scales, block, values, bits, out):
                 dest[dest.size - 1] = values[(np.int32(src[dest.size // 2]) & 15) ^ 8] * s
 
 
-(_D_CODES, _D_SCALES, _D_VALUES, _D_OUT, _D_N, _D_BLOCK, _D_NUM_VALUES, _D_BITS) = range(8)
-
-
 @cfunc(types.void(types.voidptr), cache=True, nopython=True)
-def _decode_worker(data):
-    """``_decode`` on the arrays an int64 argument vector points at."""
-    args = carray(data, 8, dtype=np.int64)
-    n, block, bits = args[_D_N], args[_D_BLOCK], args[_D_BITS]
-    num_blocks = (n + block - 1) // block
-    codes = carray(_as_pointer(args[_D_CODES]), n if bits == 8 else (n + 1) // 2, dtype=np.uint8)
-    scales = carray(_as_pointer(args[_D_SCALES]), num_blocks, dtype=np.float32)
-    values = carray(_as_pointer(args[_D_VALUES]), args[_D_NUM_VALUES], dtype=np.float32)
-    out = carray(_as_pointer(args[_D_OUT]), n, dtype=np.float32)
-    _decode(codes, scales, block, values, bits, out)
+def _worker(data):
+    """Claim chunks of whole blocks (of any tensor) until none is left, and encode each row's
+    float32 ``x`` into its codes and scales, or decode them into ``x``."""
+    decode = carray(data, _HEADER, dtype=np.int64)[_H_DECODE] != 0
+    while True:
+        row, b0, b1 = _next_blocks(data)
+        if b1 < 0:
+            return
+        codes, scales, values = _row_arrays(row)
+        x = carray(_as_pointer(row[_R_X]), row[_R_N], dtype=np.float32)
+        if decode:
+            _decode_range(codes, scales, row[_R_BLOCK], values, row[_R_BITS], x, b0, b1)
+            continue
+        lookup = carray(_as_pointer(row[_R_TABLE]), 2 * BUCKETS_PER_SIGN, dtype=np.uint8)
+        status = _encode_range(
+            x,
+            row[_R_BLOCK],
+            values,
+            lookup,
+            row[_R_SIGNED] != 0,
+            row[_R_STOCHASTIC] != 0,
+            _U32(row[_R_K1]),
+            _U32(row[_R_K2]),
+            row[_R_BITS],
+            codes,
+            scales,
+            b0,
+            b1,
+        )
+        if status != STATE_OK:
+            carray(data, _HEADER, dtype=np.int64)[_H_STATUS] = status
 
 
-def decode_blocks(codes, scales, block, values, bits, out):
-    """Decode ``codes`` (uint8, wire layout) and ``scales`` into float32 ``out`` (contiguous
-    CPU tensors; ``values`` is the map) on the calling thread, through a compiled callback:
-    calling a numba function with arrays costs more than the decode of a small tensor."""
-    if out.numel() == 0:
-        return
-    args = array("q", [0] * 8)
-    args[_D_CODES], args[_D_SCALES] = codes.data_ptr(), scales.data_ptr()
-    args[_D_VALUES], args[_D_OUT] = values.data_ptr(), out.data_ptr()
-    args[_D_N], args[_D_BLOCK] = out.numel(), block
-    args[_D_NUM_VALUES], args[_D_BITS] = values.numel(), bits
-    run_worker(_decode_worker, args, 1)
+@dataclass(frozen=True)
+class Layout:
+    """One tensor of a multi-tensor call: its float32 values (``x``: the input of an encode,
+    the output of a decode), packed ``codes``, ``scales``, and its map's ``values`` and lookup
+    ``table`` (contiguous CPU tensors), the block length, bits, signedness, and the dither key
+    words of stochastic rounding (``None``: nearest)."""
+
+    x: torch.Tensor
+    codes: torch.Tensor
+    scales: torch.Tensor
+    values: torch.Tensor
+    table: torch.Tensor
+    block: int
+    bits: int
+    signed: bool
+    key: tuple[int, int] | None
+
+
+def _run(layouts: list[Layout], decode: bool) -> int:
+    """Fill the table, share the chunks of all tensors out over torch's threads; the status."""
+    layouts = [t for t in layouts if t.x.numel()]
+    if not layouts:
+        return STATE_OK
+    threads = torch.get_num_threads()
+    rows = np.zeros((len(layouts), _ROW), dtype=np.int64)
+    first = 0
+    for r, t in zip(rows, layouts, strict=True):
+        n = t.x.numel()
+        chunk_len, _, _ = _chunking(n, t.block, threads)  # the BFP kernel's, whole blocks here
+        chunk_blocks = max(1, chunk_len // t.block)
+        r[:_R_SIGNED] = (
+            t.x.data_ptr(),
+            t.codes.data_ptr(),
+            t.scales.data_ptr(),
+            t.values.data_ptr(),
+            t.table.data_ptr(),
+            n,
+            t.block,
+            t.values.numel(),
+        )
+        k1, k2 = t.key if t.key is not None else (0, 0)
+        r[_R_SIGNED:] = (int(t.signed), int(t.key is not None), k1, k2, t.bits, chunk_blocks, first)
+        num_blocks = -(-n // t.block)
+        first += -(-num_blocks // chunk_blocks)
+    header = array("q", bytes(8 * _HEADER))
+    header[_H_TABLE], header[_H_TENSORS], header[_H_CHUNKS] = rows.ctypes.data, len(layouts), first
+    header[_H_DECODE] = int(decode)
+    run_worker(_worker, header, min(threads, first))
+    return header[_H_STATUS]
+
+
+def encode_many(layouts: list[Layout]) -> int:
+    """Encode each layout's contiguous float32 ``x`` into its ``codes`` (uint8, wire layout)
+    and ``scales`` (one per block), all tensors in one call, on torch's OpenMP threads when
+    torch runs several. Returns ``STATE_OK``, or ``STATE_NOT_FINITE`` / ``STATE_NEGATIVE`` (an
+    unsigned map given a negative value) having written partial output. Results do not
+    depend on the threads or on which tensors share the call: a dither depends only on the
+    element's index and its tensor's key. Addresses are read with ``data_ptr()``: numpy's
+    ``ctypes.data`` costs microseconds a call."""
+    return _run(layouts, decode=False)
+
+
+def decode_many(layouts: list[Layout]) -> None:
+    """Decode each layout's ``codes`` and ``scales`` into its float32 ``x``, all in one call."""
+    _run(layouts, decode=True)

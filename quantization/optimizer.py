@@ -12,7 +12,14 @@ from .codec import QuantizedTensor, encode
 from .format import BlockFloat
 from .precision import TrainingPrecision
 from .quantizer import quantize_, quantize_many_
-from .state_codec import LowBitState, QuantizedState, StateFormat, quantize_state
+from .state_codec import (
+    LowBitState,
+    QuantizedState,
+    StateFormat,
+    decode_states,
+    quantize_state,
+    quantize_states,
+)
 
 #: Optimizer state that divides the update (Adam/AdamW, RMSprop, Adagrad): kept as sqrt, rounded up.
 SECOND_MOMENT_STATE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
@@ -105,8 +112,10 @@ class LowPrecisionOptimizer:
             self._decode_state(stepped)
         self.optimizer.step()
         self.quantize_weights()
-        if self.state_fmt.enabled:
-            for p in stepped if low_bit else self._params():
+        if low_bit:
+            self._encode_state(stepped)
+        elif self.state_fmt.enabled:
+            for p in self._params():
                 state = self.optimizer.state.get(p, {})
                 for name, value in state.items():
                     if _is_quantizable_state(name, value):
@@ -114,16 +123,38 @@ class LowPrecisionOptimizer:
         return loss
 
     def _decode_state(self, params: list[torch.nn.Parameter]) -> None:
-        """Replace the codes of ``params``' state by float32 tensors, for the wrapped step."""
-        for p in params:
-            state = self.optimizer.state.get(p, {})
-            for name, value in state.items():
-                if isinstance(value, QuantizedState):
-                    state[name] = value.decode().to(p.device)
+        """Replace the codes of ``params``' state by float32 tensors, for the wrapped step (all
+        in one kernel call on the CPU)."""
+        entries = [
+            (p, state, name)
+            for p in params
+            for state in [self.optimizer.state.get(p, {})]
+            for name, value in state.items()
+            if isinstance(value, QuantizedState)
+        ]
+        decoded = decode_states([state[name] for _, state, name in entries])
+        for (p, state, name), tensor in zip(entries, decoded, strict=True):
+            state[name] = tensor.to(p.device)
 
-    def _quantize_state(self, name: str, value: torch.Tensor) -> torch.Tensor | QuantizedState:
-        if isinstance(self.state_fmt, LowBitState):
-            return quantize_state(value, self._low_bit_format(name), self.generator)
+    def _encode_state(self, params: list[torch.nn.Parameter]) -> None:
+        """Replace ``params``' floating-point state by low-bit codes, all in one kernel call on
+        the CPU; dither keys are drawn in the order of parameters and their state."""
+        entries = [
+            (state, name)
+            for p in params
+            for state in [self.optimizer.state.get(p, {})]
+            for name, value in state.items()
+            if _is_quantizable_state(name, value)
+        ]
+        values = [state[name] for state, name in entries]
+        fmts = [self._low_bit_format(name) for _, name in entries]
+        for (state, name), q in zip(
+            entries, quantize_states(values, fmts, self.generator), strict=True
+        ):
+            state[name] = q
+
+    def _quantize_state(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """BFP state: on the weight grid; second moments as their square root, rounded up."""
         if name in SECOND_MOMENT_STATE:
             root = quantize_(value.sqrt(), _with_rounding(self.state_fmt, "up"))
             return value.copy_(root.square_())

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -176,14 +177,7 @@ class QuantizedState:
 
     def decode(self) -> torch.Tensor:
         """The float32 tensor: ``Q[index] * scale``."""
-        fmt, numel = self.fmt, math.prod(self.shape)
-        if _kernel_applies(self.codes, self.shape, fmt):
-            out = torch.empty(numel, dtype=torch.float32)
-            codes, scales = self.codes.contiguous(), self.scales.contiguous()
-            _state_kernels.decode_blocks(codes, scales, fmt.block_size, fmt.values, fmt.bits, out)
-            return out.reshape(self.shape)
-        values = fmt.values.to(self.codes.device)[self.indices.long()].reshape(-1)
-        return (values * _expand_scales(self.scales, self.shape, fmt)).reshape(self.shape)
+        return decode_states([self])[0]
 
     def to_payload(self) -> tuple[np.ndarray, np.ndarray]:
         """(codes: uint8 in the wire layout; scales: float32), as numpy arrays."""
@@ -354,29 +348,86 @@ def quantize_state(
     the map's range. Raises ``ValueError`` for NaN or inf, and for negative values under an
     unsigned map.
     """
-    shape = tuple(x.shape)
-    flat = x.detach().float().reshape(-1).contiguous()
-    key = draw_key(generator) if fmt.rounding == "stochastic" else 0
-    check_dither_size(flat.numel())
-    if _kernel_applies(flat, shape, fmt):
-        codes = torch.empty(packed_size(flat.numel(), fmt.bits), dtype=torch.uint8)
-        scales = torch.empty(num_scales(shape, fmt), dtype=torch.float32)
-        k1, k2 = split_key(key)
-        status = _state_kernels.encode_blocks(
-            flat,
-            fmt.block_size,
-            fmt.values,
-            _bucket_table(fmt.bits, fmt.code_map, fmt.signed),
-            fmt.signed,
-            fmt.rounding == "stochastic",
-            k1,
-            k2,
-            fmt.bits,
-            codes,
-            scales,
-        )
-        _raise_for(status, fmt)
-        return QuantizedState(codes, scales, shape, fmt)
+    return quantize_states([x], [fmt], generator)[0]
+
+
+def quantize_states(
+    tensors: Sequence[torch.Tensor],
+    fmts: Sequence[StateFormat],
+    generator: torch.Generator | None = None,
+) -> list[QuantizedState]:
+    """``quantize_state`` of each tensor in its format, bit for bit: the keys of stochastic
+    formats are drawn from ``generator`` in the same order. Those the compiled kernels cover
+    are encoded in one call (an optimizer step's state: one call, not one per tensor), their
+    codes and scales views of one buffer each."""
+    flats, keys = [], []
+    for x, fmt in zip(tensors, fmts, strict=True):
+        flat = x.detach().float().reshape(-1).contiguous()
+        check_dither_size(flat.numel())
+        flats.append(flat)
+        keys.append(draw_key(generator) if fmt.rounding == "stochastic" else 0)
+    shapes = [tuple(x.shape) for x in tensors]
+    kernel = [i for i, flat in enumerate(flats) if _kernel_applies(flat, shapes[i], fmts[i])]
+    states: list[QuantizedState | None] = [None] * len(flats)
+    if kernel:
+        codes = _views(torch.uint8, [packed_size(flats[i].numel(), fmts[i].bits) for i in kernel])
+        scales = _views(torch.float32, [num_scales(shapes[i], fmts[i]) for i in kernel])
+        layouts = [
+            _layout(flats[i], c, s, fmts[i], split_key(keys[i]))
+            for i, c, s in zip(kernel, codes, scales, strict=True)
+        ]
+        if _state_kernels.encode_many(layouts) == _state_kernels.STATE_OK:
+            for i, c, s in zip(kernel, codes, scales, strict=True):
+                states[i] = QuantizedState(c, s, shapes[i], fmts[i])
+    for i, state in enumerate(states):  # the rest, and a failed call: the torch path raises
+        if state is None:
+            states[i] = _encode_torch(flats[i], shapes[i], fmts[i], keys[i])
+    return states  # type: ignore[return-value]
+
+
+def decode_states(states: Sequence[QuantizedState]) -> list[torch.Tensor]:
+    """Each state's float32 tensor, ``Q[index] * scale``; those the compiled kernels cover in
+    one call, as views of one buffer."""
+    kernel = [i for i, q in enumerate(states) if _kernel_applies(q.codes, q.shape, q.fmt)]
+    out: list[torch.Tensor | None] = [None] * len(states)
+    if kernel:
+        flats = _views(torch.float32, [math.prod(states[i].shape) for i in kernel])
+        layouts = []
+        for i, flat in zip(kernel, flats, strict=True):
+            q = states[i]
+            layouts.append(_layout(flat, q.codes.contiguous(), q.scales.contiguous(), q.fmt, None))
+            out[i] = flat.view(q.shape)
+        _state_kernels.decode_many(layouts)
+    for i, q in enumerate(states):
+        if out[i] is None:
+            values = q.fmt.values.to(q.codes.device)[q.indices.long()].reshape(-1)
+            out[i] = (values * _expand_scales(q.scales, q.shape, q.fmt)).reshape(q.shape)
+    return out  # type: ignore[return-value]
+
+
+def _views(dtype: torch.dtype, sizes: list[int]) -> tuple[torch.Tensor, ...]:
+    """Consecutive 1-d views of one new buffer, of the given sizes."""
+    return torch.empty(sum(sizes), dtype=dtype).split(sizes)
+
+
+def _layout(
+    flat: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    fmt: StateFormat,
+    key: tuple[int, int] | None,
+) -> _state_kernels.Layout:
+    table = _bucket_table(fmt.bits, fmt.code_map, fmt.signed)
+    stochastic = key if fmt.rounding == "stochastic" else None
+    return _state_kernels.Layout(
+        flat, codes, scales, fmt.values, table, fmt.block_size, fmt.bits, fmt.signed, stochastic
+    )
+
+
+def _encode_torch(
+    flat: torch.Tensor, shape: tuple[int, ...], fmt: StateFormat, key: int
+) -> QuantizedState:
+    """The vectorized torch path of ``quantize_state`` (any device, rank-1 scales)."""
     if not bool(torch.isfinite(flat).all()):
         _raise_for(_state_kernels.STATE_NOT_FINITE, fmt)
     if not fmt.signed and bool((flat < 0).any()):
@@ -385,14 +436,14 @@ def quantize_state(
     per_element = _expand_scales(scales, shape, fmt)
     safe = torch.where(per_element > 0, per_element, torch.ones_like(per_element))
     normalized = (flat / safe).clamp(-1.0, 1.0)
-    values = fmt.values.to(x.device)
+    values = fmt.values.to(flat.device)
     upper = (_lower_index(fmt, normalized) + 1).clamp(1, values.numel() - 1)
     lo, hi = values[upper - 1], values[upper]
     if fmt.rounding == "stochastic":
         p = ((normalized - lo) / (hi - lo)).clamp(0, 1)
         threshold = (p * float(_TWO_POW_32)).clamp(max=float(_LARGEST_BELOW_TWO_POW_32))
         threshold = threshold.to(torch.int64)
-        take_hi = dither_bits(flat.numel(), key, x.device) < threshold
+        take_hi = dither_bits(flat.numel(), key, flat.device) < threshold
     else:
         take_hi = (hi - normalized) < (normalized - lo)
     indices = torch.where(take_hi, upper, upper - 1)

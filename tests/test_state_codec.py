@@ -18,8 +18,10 @@ from quantization.state_codec import (
     QuantizedState,
     StateFormat,
     code_map,
+    decode_states,
     first_moment_format,
     num_scales,
+    quantize_states,
     second_moment_format,
 )
 
@@ -337,6 +339,44 @@ def test_the_kernel_gives_the_same_codes_on_one_thread_and_on_several(fmt, monke
         torch.set_num_threads(threads)
     assert torch.equal(one.codes, several.codes) and torch.equal(one.scales, several.scales)
     assert parallel is None or [threads for *_, threads in runs] == [2]  # on two threads
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_many_tensors_in_one_call_equal_one_call_each_bit_for_bit(threads):
+    # kernel formats of both widths and both roundings, a rank-1 matrix and an odd block on
+    # the torch path in between, empty and one-element tensors: one shared call, same codes
+    rank1 = dataclasses.replace(second_moment_format(4), normalization="rank1")
+    odd_block = dataclasses.replace(first_moment_format(4), block_size=33)
+    cases = [(fmt, shape) for fmt in FORMATS for shape in [(64, 3, 3, 3), (300,), (1,)]]
+    cases += [
+        (rank1, (256, 128)),
+        (odd_block, (1000,)),
+        (FORMATS[0], (0,)),
+        (FORMATS[3], (40_001,)),
+    ]
+    tensors = [_sample(shape, fmt, seed=i) for i, (fmt, shape) in enumerate(cases)]
+    fmts = [fmt for fmt, _ in cases]
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        together = quantize_states(tensors, fmts, torch.Generator().manual_seed(5))
+        g = torch.Generator().manual_seed(5)
+        apart = [quantize_state(x, fmt, g) for x, fmt in zip(tensors, fmts, strict=True)]
+        decoded = decode_states(together)
+    finally:
+        torch.set_num_threads(old)
+    for a, b, d, x in zip(together, apart, decoded, tensors, strict=True):
+        assert a.shape == b.shape == tuple(x.shape) and a.fmt == b.fmt
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales)
+        assert torch.equal(d, b.decode()) and d.shape == x.shape
+    assert any(q.codes.data_ptr() != q.codes.untyped_storage().data_ptr() for q in together)
+
+
+def test_a_bad_tensor_among_many_is_refused_naming_its_format():
+    good = _sample((500,), FORMATS[0])
+    negative = -_sample((500,), FORMATS[2]).abs()
+    with pytest.raises(ValueError, match=r"udynamic8/block256 stores nonnegative values"):
+        quantize_states([good, negative], [FORMATS[0], FORMATS[2]])
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

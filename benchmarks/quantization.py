@@ -34,16 +34,13 @@ from quantization import (
     QuantizedState,
     QuantizedTensor,
     TrainingPrecision,
-    attach_quantizers,
     encode,
 )
+from quantization.attach import attach_low_precision
 from quantization.compact_saved import (
-    attach_masked_relu,
     pack_saved,
-    saved_as_codes,
     unpack_saved,
 )
-from quantization.integer_arithmetic import attach_integer_arithmetic
 
 RESULTS_PATH = RESULTS_DIR / "quantization.json"
 SEED = 0
@@ -113,17 +110,11 @@ def lowp_training(
     integer codes, and codes and ReLU masks saved for backward (``train.arithmetic``)."""
     model = make_model().to(device)
     generator = torch.Generator().manual_seed(SEED)
-    integer = arithmetic == "int8"
-    attach_quantizers(model, precision.activation, precision.error, generator, keep_codes=integer)
-    saving: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-    if integer:
-        attach_integer_arithmetic(model, precision)
-        attach_masked_relu(model)
-        saving = saved_as_codes
+    layers = attach_low_precision(model, precision, generator, arithmetic)
     opt = LowPrecisionOptimizer.from_precision(
         torch.optim.Adam(model.parameters(), lr=1e-3), precision, generator
     )
-    return model, opt, saving
+    return model, opt, layers.forward
 
 
 def lowp_step_fn(

@@ -5,6 +5,7 @@ values, ``encode``/``QuantizedTensor`` for codes, ``attach_quantizers`` for acti
 errors) and an optimizer wrapper (``LowPrecisionOptimizer``).
 """
 
+from .attach import LowPrecisionLayers, attach_low_precision
 from .codec import QuantizedTensor, decode, encode
 from .fake_quant import Quantizer, attach_quantizers, quantize_flow
 from .format import FP32, BlockFloat
@@ -24,12 +25,14 @@ __all__ = [
     "FP32",
     "BlockFloat",
     "LowBitState",
+    "LowPrecisionLayers",
     "LowPrecisionOptimizer",
     "QuantizedState",
     "QuantizedTensor",
     "Quantizer",
     "StateFormat",
     "TrainingPrecision",
+    "attach_low_precision",
     "attach_quantizers",
     "block_exponents",
     "decode",

@@ -212,7 +212,7 @@ def test_small_cnn_learns_mnist_on_the_integer_path_with_weights_on_their_grid(m
         calls["routes"] = attached.routes
         return attached
 
-    monkeypatch.setattr("lowprec_fl.task.training.attach_integer_arithmetic", counting_attach)
+    monkeypatch.setattr("quantization.attach.attach_integer_arithmetic", counting_attach)
     result = train_local(
         model, optimizer, train, p, epochs=1, batch_size=32, generator=generator,
         device=torch.device("cpu"), arithmetic="int8",

@@ -18,8 +18,9 @@ from omegaconf.errors import OmegaConfBaseException
 from lowprec_fl.federated_data import DATASET_NAMES, PARTITION_SCHEMES
 from lowprec_fl.models import MODEL_NAMES
 from lowprec_fl.task.formats import STATE_FORMATS, state_format
-from lowprec_fl.task.training import ARITHMETICS, OPTIMIZERS
+from lowprec_fl.task.training import OPTIMIZERS
 from quantization import BlockFloat
+from quantization.attach import ARITHMETICS
 from quantization.format import LAYOUTS
 from strategies.factory import INNER_STRATEGIES
 from strategies.moving_average import check_decay, check_start_round

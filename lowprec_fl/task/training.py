@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -10,9 +9,8 @@ import torch
 from torch import nn
 
 from lowprec_fl.federated_data import ImageData
-from quantization import LowPrecisionOptimizer, TrainingPrecision, attach_quantizers
-from quantization.compact_saved import attach_masked_relu, saved_as_codes
-from quantization.integer_arithmetic import attach_integer_arithmetic
+from quantization import LowPrecisionOptimizer, TrainingPrecision
+from quantization.attach import attach_low_precision
 
 
 @dataclass(frozen=True)
@@ -24,8 +22,6 @@ class TrainResult:
     steps: int
 
 
-#: train.arithmetic: float32 products of grid values, or int8 products (integer_arithmetic).
-ARITHMETICS = ("fake", "int8")
 #: Config names of the torch optimizers a client can train with, and how each is built.
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adam": lambda params, lr, momentum, weight_decay: torch.optim.Adam(
@@ -76,23 +72,15 @@ def train_local(
     function; ``quantization.integer_arithmetic``) and keeps what backward needs as int8 codes
     and ReLU masks (``quantization.compact_saved``); ``"fake"`` computes in float32.
     """
-    if arithmetic not in ARITHMETICS:
-        raise ValueError(f"unknown arithmetic {arithmetic!r}: use one of {ARITHMETICS}")
     model.train()
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
-    hooks = attach_quantizers(
-        model, precision.activation, precision.error, generator, keep_codes=arithmetic == "int8"
-    )
-    integer = attach_integer_arithmetic(model, precision) if arithmetic == "int8" else None
-    relus = attach_masked_relu(model) if arithmetic == "int8" else None
-    saving = saved_as_codes if arithmetic == "int8" else contextlib.nullcontext
     total_loss, seen, steps = 0.0, 0, 0
-    try:
+    with attach_low_precision(model, precision, generator, arithmetic) as layers:
         for _ in range(epochs):
             for images, labels in data.batches(batch_size, shuffle=True, generator=generator):
                 images, labels = images.to(device), labels.to(device)
                 optimizer.zero_grad()
-                with saving():
+                with layers.forward():
                     loss = nn.functional.cross_entropy(model(images), labels)
                 objective = loss
                 if global_params:
@@ -110,12 +98,6 @@ def train_local(
                     break
             if max_steps and steps >= max_steps:
                 break
-    finally:
-        hooks.remove()
-        if integer is not None:
-            integer.remove()
-        if relus is not None:
-            relus.remove()
     if seen == 0:
         raise ValueError("the local training split is empty: lower partition.test_fraction")
     return TrainResult(loss=total_loss / seen, num_examples=seen, steps=steps)

@@ -1,0 +1,76 @@
+"""One call that makes a model train in low precision, with either arithmetic.
+
+``attach_low_precision(model, precision, generator, arithmetic)`` attaches the activation and
+error quantizers (``attach_quantizers``) and, for ``arithmetic="int8"``, also reroutes conv and
+linear layers onto integer products (``integer_arithmetic``), makes ReLUs save 1-byte masks and
+keeps the codes the quantizers hand over as what autograd saves (``compact_saved``). Run each
+forward pass inside ``forward()``; ``remove()`` (or leaving the ``with`` block) restores the
+model. Used by the ClientApp's training loop and by the benchmarks, so both train the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .compact_saved import attach_masked_relu, saved_as_codes
+from .fake_quant import QuantizerHooks, attach_quantizers
+from .integer_arithmetic import attach_integer_arithmetic
+from .precision import TrainingPrecision
+from .rerouting import ReroutedModules
+
+#: ``train.arithmetic``: float32 products of grid values, or int8 products of their codes.
+ARITHMETICS = ("fake", "int8")
+
+
+@dataclass
+class LowPrecisionLayers:
+    """What ``attach_low_precision`` put on a model: the quantizers, and for int8 the rerouted
+    layers; ``forward()`` is the context each forward pass runs in."""
+
+    quantizers: QuantizerHooks
+    arithmetic: str
+    rerouted: list[ReroutedModules] = field(default_factory=list)
+    forward: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+    def remove(self) -> None:
+        """Detach everything, restoring the model's own float32 forward pass."""
+        self.quantizers.remove()
+        for attachment in self.rerouted:
+            attachment.remove()
+        self.rerouted.clear()
+
+    def __enter__(self) -> LowPrecisionLayers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def attach_low_precision(
+    model: nn.Module,
+    precision: TrainingPrecision,
+    generator: torch.Generator | None = None,
+    arithmetic: str = "fake",
+) -> LowPrecisionLayers:
+    """Quantize ``model``'s activations and errors to ``precision``; with ``arithmetic="int8"``
+    compute its conv and linear products on integer codes (the same function: integer sums
+    are exact) and keep int8 codes and ReLU masks for backward instead of float32 tensors.
+
+    Pair it with a ``LowPrecisionOptimizer`` of the same precision, which keeps weights,
+    gradients and state on their grids. Raises ``ValueError`` for an unknown arithmetic.
+    """
+    if arithmetic not in ARITHMETICS:
+        raise ValueError(f"unknown arithmetic {arithmetic!r}: use one of {ARITHMETICS}")
+    integer = arithmetic == "int8"
+    quantizers = attach_quantizers(
+        model, precision.activation, precision.error, generator, keep_codes=integer
+    )
+    if not integer:
+        return LowPrecisionLayers(quantizers, arithmetic)
+    rerouted = [attach_integer_arithmetic(model, precision), attach_masked_relu(model)]
+    return LowPrecisionLayers(quantizers, arithmetic, rerouted, saved_as_codes)

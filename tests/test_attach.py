@@ -1,0 +1,52 @@
+"""attach_low_precision: one call sets up either arithmetic, and removing it restores the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from quantization import BlockFloat, TrainingPrecision, attach_low_precision, quantize_
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 8 * 8, 5)
+    )
+
+
+def _precision() -> TrainingPrecision:
+    weight = BlockFloat(8, layout="channel")
+    flow = BlockFloat(8, layout="tensor")
+    return TrainingPrecision(weight=weight, grad=weight, activation=flow, error=flow, state=weight)
+
+
+@pytest.mark.parametrize("arithmetic", ["fake", "int8"])
+def test_both_arithmetics_compute_the_same_function_and_remove_cleanly(arithmetic):
+    model = _model()
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for p in model.parameters():  # on the weight grid, as a LowPrecisionOptimizer keeps it
+            quantize_(p, _precision().weight)
+    plain = model(x)
+    outputs = {}
+    for name in ("fake", arithmetic):
+        with attach_low_precision(
+            model, _precision(), torch.Generator().manual_seed(2), name
+        ) as layers:
+            with layers.forward():
+                outputs[name] = model(x)
+            assert layers.arithmetic == name and len(layers.quantizers) > 0
+            assert (len(layers.rerouted) == 2) == (name == "int8")
+    torch.testing.assert_close(outputs[arithmetic], outputs["fake"], rtol=1e-5, atol=1e-5)
+    assert not torch.equal(outputs["fake"], plain)  # the quantizers were on
+    assert torch.equal(model(x), plain)  # and are gone, as are the rerouted forwards
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
+def test_an_unknown_arithmetic_is_refused_by_name():
+    with pytest.raises(
+        ValueError, match=r"unknown arithmetic 'int4': use one of \('fake', 'int8'\)"
+    ):
+        attach_low_precision(_model(), _precision(), arithmetic="int4")

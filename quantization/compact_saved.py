@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .grid_codes import attached_codes
+from .grid_codes import attached_codes, values_of_codes
 from .rerouting import ReroutedModules
 
 
@@ -46,7 +46,7 @@ def unpack_saved(packed: torch.Tensor | _SavedCodes) -> torch.Tensor:
     """Autograd's unpack hook: the float32 values ``code * step``, exactly the saved ones."""
     if not isinstance(packed, _SavedCodes):
         return packed
-    return packed.codes.to(torch.float32).mul_(packed.step).requires_grad_(packed.requires_grad)
+    return values_of_codes(packed.codes, packed.step).requires_grad_(packed.requires_grad)
 
 
 def saved_as_codes() -> torch.autograd.graph.saved_tensors_hooks:

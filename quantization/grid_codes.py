@@ -46,6 +46,12 @@ def _same_grid(a: BlockFloat, b: BlockFloat) -> bool:
     return (a.bits, a.layout, a.block_size) == (b.bits, b.layout, b.block_size)
 
 
+def values_of_codes(codes: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """The float32 values ``code * step`` of one-exponent codes: exact (at most 8-bit codes
+    times a power of two), so they equal the quantizer's own output bit for bit."""
+    return codes.to(torch.float32).mul_(step)
+
+
 def quantize_with_codes(
     x: torch.Tensor, fmt: BlockFloat, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -59,7 +65,7 @@ def quantize_with_codes(
     else:
         codes, exponent = _quantize(x, fmt, generator, codes=True)
         *_, step = _scales(exponent, fmt.bits, codes.device)
-        values = codes.to(torch.float32).mul_(step)  # exact: the quantizer's own code * step
+        values = values_of_codes(codes, step)
     setattr(values, _ATTRIBUTE, GridCodes(codes, exponent, fmt, values._version))
     return values
 

@@ -90,15 +90,17 @@ def _normalize(seg, safe, normalized, buckets):
 @njit(inline="always")
 def _neighbours(normalized, uppers, lows, highs, values, table):
     """The neighbouring codes ``lo <= n < hi`` of each value, from its bucket (in ``uppers``
-    on entry, the index of ``hi`` on return): the table loads, kept in a loop of their own."""
-    top = _U32(values.size - 1)
+    on entry, the index of ``hi`` on return): the table loads, kept in a loop of their own.
+
+    ``values`` is the map followed by one +inf (``state_codec.kernel_values``), so no index
+    needs clamping: at the top code (``n = 1``) ``hi`` is +inf, where both roundings keep
+    ``lo``, the same code a clamped pair's rounding picks."""
     for j in range(normalized.size):
         lower = _U32(table[uppers[j]])
-        nxt = min(lower + _U32(1), top)
-        lower += _U32((values[nxt] <= normalized[j]) & (nxt > lower))
-        upper = min(max(lower + _U32(1), _U32(1)), top)
+        lower += _U32(values[lower + _U32(1)] <= normalized[j])
+        upper = lower + _U32(1)
         uppers[j] = upper
-        lows[j] = values[upper - _U32(1)]
+        lows[j] = values[lower]
         highs[j] = values[upper]
 
 
@@ -274,9 +276,9 @@ def _worker(data):
 @dataclass(frozen=True)
 class Layout:
     """One tensor of a multi-tensor call: its float32 values (``x``: the input of an encode,
-    the output of a decode), packed ``codes``, ``scales``, and its map's ``values`` and lookup
-    ``table`` (contiguous CPU tensors), the block length, bits, signedness, and the dither key
-    words of stochastic rounding (``None``: nearest)."""
+    the output of a decode), packed ``codes``, ``scales``, and its map's ``values`` (followed
+    by +inf) and lookup ``table`` (contiguous CPU tensors), the block length, bits,
+    signedness, and the dither key words of stochastic rounding (``None``: nearest)."""
 
     x: torch.Tensor
     codes: torch.Tensor

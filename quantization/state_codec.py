@@ -156,6 +156,13 @@ def code_map(bits: int, kind: CodeMap, signed: bool) -> torch.Tensor:
     return torch.tensor(sorted(values), dtype=torch.float32)
 
 
+@functools.cache
+def kernel_values(bits: int, kind: CodeMap, signed: bool) -> torch.Tensor:
+    """The map followed by one +inf: the compiled kernels' copy (the sentinel spares their
+    neighbour search any clamping, ``_state_kernels._neighbours``)."""
+    return torch.cat([code_map(bits, kind, signed), torch.tensor([math.inf])])
+
+
 @dataclass(frozen=True)
 class QuantizedState:
     """One state tensor as packed code-map indices and float32 scales.
@@ -418,9 +425,10 @@ def _layout(
     key: tuple[int, int] | None,
 ) -> _state_kernels.Layout:
     table = _bucket_table(fmt.bits, fmt.code_map, fmt.signed)
+    values = kernel_values(fmt.bits, fmt.code_map, fmt.signed)
     stochastic = key if fmt.rounding == "stochastic" else None
     return _state_kernels.Layout(
-        flat, codes, scales, fmt.values, table, fmt.block_size, fmt.bits, fmt.signed, stochastic
+        flat, codes, scales, values, table, fmt.block_size, fmt.bits, fmt.signed, stochastic
     )
 
 

@@ -16,7 +16,7 @@ the BFP kernel's do (``_openmp.py``).
 from __future__ import annotations
 
 from array import array
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -273,8 +273,7 @@ def _worker(data):
             carray(data, _HEADER, dtype=np.int64)[_H_STATUS] = status
 
 
-@dataclass(frozen=True)
-class Layout:
+class Layout(NamedTuple):
     """One tensor of a multi-tensor call: its float32 values (``x``: the input of an encode,
     the output of a decode), packed ``codes``, ``scales``, and its map's ``values`` (followed
     by +inf) and lookup ``table`` (contiguous CPU tensors), the block length, bits,
@@ -292,34 +291,32 @@ class Layout:
 
 
 def _run(layouts: list[Layout], decode: bool) -> int:
-    """Fill the table, share the chunks of all tensors out over torch's threads; the status."""
-    layouts = [t for t in layouts if t.x.numel()]
-    if not layouts:
-        return STATE_OK
+    """Fill the table, share the chunks of all tensors out over torch's threads; the status.
+    (Plain Python lists and ``array``: an optimizer step passes some 30 tensors, and numpy
+    slice assignments cost microseconds each.)"""
     threads = torch.get_num_threads()
-    rows = np.zeros((len(layouts), _ROW), dtype=np.int64)
+    table: list[int] = []
     first = 0
-    for r, t in zip(rows, layouts, strict=True):
+    for t in layouts:
         n = t.x.numel()
+        if n == 0:
+            continue
         chunk_len, _, _ = _chunking(n, t.block, threads)  # the BFP kernel's, whole blocks here
         chunk_blocks = max(1, chunk_len // t.block)
-        r[:_R_SIGNED] = (
-            t.x.data_ptr(),
-            t.codes.data_ptr(),
-            t.scales.data_ptr(),
-            t.values.data_ptr(),
-            t.table.data_ptr(),
-            n,
-            t.block,
-            t.values.numel(),
-        )
         k1, k2 = t.key if t.key is not None else (0, 0)
-        r[_R_SIGNED:] = (int(t.signed), int(t.key is not None), k1, k2, t.bits, chunk_blocks, first)
+        table += (
+            t.x.data_ptr(), t.codes.data_ptr(), t.scales.data_ptr(), t.values.data_ptr(),
+            t.table.data_ptr(), n, t.block, t.values.numel(),
+            int(t.signed), int(t.key is not None), k1, k2, t.bits, chunk_blocks, first,
+        )  # fmt: skip
         num_blocks = -(-n // t.block)
         first += -(-num_blocks // chunk_blocks)
+    if not first:
+        return STATE_OK
+    rows = array("q", table)
     header = array("q", bytes(8 * _HEADER))
-    header[_H_TABLE], header[_H_TENSORS], header[_H_CHUNKS] = rows.ctypes.data, len(layouts), first
-    header[_H_DECODE] = int(decode)
+    header[_H_TABLE], header[_H_TENSORS] = rows.buffer_info()[0], len(table) // _ROW
+    header[_H_CHUNKS], header[_H_DECODE] = first, int(decode)
     run_worker(_worker, header, min(threads, first))
     return header[_H_STATUS]
 

@@ -234,7 +234,9 @@ def _quantize(
         result = result.to(out_dtype)
     if not finite:
         raise ValueError(_NAN_MESSAGE)
-    return result.view(shape), exps
+    # not a view of the flat buffer: autograd forbids in-place ops (``relu_``) on a custom
+    # Function's output that is a view, and the quantizers' outputs are such outputs
+    return result.view(shape).detach(), exps
 
 
 def block_exponents(x: torch.Tensor, fmt: BlockFloat) -> torch.Tensor:

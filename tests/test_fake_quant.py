@@ -209,3 +209,31 @@ def test_quantizer_keeps_channels_last_activations_and_errors_in_their_order():
     z = quantize_flow(plain, fmt, fmt, torch.Generator().manual_seed(1))
     z.backward(torch.randn(x.shape, generator=torch.Generator().manual_seed(2)))
     assert torch.equal(y, z) and torch.equal(stored.grad, plain.grad)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_an_in_place_op_on_a_quantized_output_trains_like_its_out_of_place_twin(memory_format):
+    # ``conv(x).relu_()``: autograd refuses in-place ops on a custom Function's output that is
+    # a view, so the quantizer's output must not be one (it was, for contiguous tensors)
+    class ConvReLU(nn.Module):
+        def __init__(self, in_place: bool) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv, self.in_place = nn.Conv2d(2, 4, 3), in_place
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return y.relu_() if self.in_place else y.relu()
+
+    fmt = BlockFloat(8, layout="tensor")
+    x = torch.randn(3, 2, 7, 7, generator=torch.Generator().manual_seed(1))
+    x = x.contiguous(memory_format=memory_format)
+    runs = []
+    for in_place in (True, False):
+        model = ConvReLU(in_place)
+        attach_quantizers(model, fmt, fmt, torch.Generator().manual_seed(2))
+        out = model(x)
+        (out * torch.arange(out.numel()).reshape(out.shape)).sum().backward()
+        runs.append((out.detach(), model.conv.weight.grad, model.conv.bias.grad))
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)

@@ -158,8 +158,6 @@ def _integer_forward(route: _Route, module: nn.Conv2d | nn.Linear) -> Callable[.
         x_codes = route.codes(x, route.activation_fmt, False, "input")
         w_codes = route.codes(module.weight, route.weight_fmt, True, "weight") if x_codes else None
         if x_codes is None or w_codes is None:
-            if x.dim() == 4:  # channels-last, as the integer layers' outputs: one order throughout
-                x = x.contiguous(memory_format=torch.channels_last)
             return original(x)
         route.integer_calls += 1
         return product(x, x_codes, w_codes)

@@ -290,35 +290,61 @@ class Layout(NamedTuple):
     key: tuple[int, int] | None
 
 
-def _run(layouts: list[Layout], decode: bool) -> int:
-    """Fill the table, share the chunks of all tensors out over torch's threads; the status.
-    (Plain Python lists and ``array``: an optimizer step passes some 30 tensors, and numpy
-    slice assignments cost microseconds each.)"""
-    threads = torch.get_num_threads()
-    table: list[int] = []
-    first = 0
-    for t in layouts:
-        n = t.x.numel()
-        if n == 0:
-            continue
-        chunk_len, _, _ = _chunking(n, t.block, threads)  # the BFP kernel's, whole blocks here
-        chunk_blocks = max(1, chunk_len // t.block)
-        k1, k2 = t.key if t.key is not None else (0, 0)
-        table += (
-            t.x.data_ptr(), t.codes.data_ptr(), t.scales.data_ptr(), t.values.data_ptr(),
-            t.table.data_ptr(), n, t.block, t.values.numel(),
-            int(t.signed), int(t.key is not None), k1, k2, t.bits, chunk_blocks, first,
-        )  # fmt: skip
-        num_blocks = -(-n // t.block)
-        first += -(-num_blocks // chunk_blocks)
-    if not first:
-        return STATE_OK
-    rows = array("q", table)
-    header = array("q", bytes(8 * _HEADER))
-    header[_H_TABLE], header[_H_TENSORS] = rows.buffer_info()[0], len(table) // _ROW
-    header[_H_CHUNKS], header[_H_DECODE] = first, int(decode)
-    run_worker(_worker, header, min(threads, first))
-    return header[_H_STATUS]
+class Plan:
+    """The kernel table of a list of layouts, built once: one int64 row per nonempty tensor
+    (addresses and scalars; plain ``array``, as numpy slice assignments cost microseconds
+    each), whose ``x`` addresses and dither keys may be rewritten between calls. Keeps the
+    layouts' tensors alive, except ``x``: set it before each call that needs a new one."""
+
+    def __init__(self, layouts: list[Layout]) -> None:
+        threads = torch.get_num_threads()
+        table: list[int] = []
+        self.rows: list[int | None] = []  # each layout's row, None for an empty tensor
+        self.chunks = 0
+        for t in layouts:
+            n = t.x.numel()
+            if n == 0:
+                self.rows.append(None)
+                continue
+            self.rows.append(len(table) // _ROW)
+            chunk_len, _, _ = _chunking(n, t.block, threads)  # the BFP kernel's, whole blocks
+            chunk_blocks = max(1, chunk_len // t.block)
+            k1, k2 = t.key if t.key is not None else (0, 0)
+            table += (
+                t.x.data_ptr(), t.codes.data_ptr(), t.scales.data_ptr(), t.values.data_ptr(),
+                t.table.data_ptr(), n, t.block, t.values.numel(),
+                int(t.signed), int(t.key is not None), k1, k2, t.bits, chunk_blocks, self.chunks,
+            )  # fmt: skip
+            num_blocks = -(-n // t.block)
+            self.chunks += -(-num_blocks // chunk_blocks)
+        self._table = array("q", table)
+        self._tensors = [(t.codes, t.scales, t.values, t.table) for t in layouts]
+
+    def set_x(self, index: int, address: int) -> None:
+        """Point layout ``index``'s float32 values at ``address`` (same length)."""
+        row = self.rows[index]
+        if row is not None:
+            self._table[row * _ROW + _R_X] = address
+
+    def set_key(self, index: int, key: tuple[int, int]) -> None:
+        """Give stochastic layout ``index`` new dither key words."""
+        row = self.rows[index]
+        if row is not None:
+            self._table[row * _ROW + _R_K1], self._table[row * _ROW + _R_K2] = key
+
+    def run(self, decode: bool) -> int:
+        """Encode (or decode) every row, chunks of whole blocks of all tensors shared out over
+        torch's threads; the status."""
+        if not self.chunks:
+            return STATE_OK
+        header = array("q", bytes(8 * _HEADER))
+        header[_H_TABLE], header[_H_TENSORS] = (
+            self._table.buffer_info()[0],
+            len(self._table) // _ROW,
+        )
+        header[_H_CHUNKS], header[_H_DECODE] = self.chunks, int(decode)
+        run_worker(_worker, header, min(torch.get_num_threads(), self.chunks))
+        return header[_H_STATUS]
 
 
 def encode_many(layouts: list[Layout]) -> int:
@@ -329,9 +355,9 @@ def encode_many(layouts: list[Layout]) -> int:
     depend on the threads or on which tensors share the call: a dither depends only on the
     element's index and its tensor's key. Addresses are read with ``data_ptr()``: numpy's
     ``ctypes.data`` costs microseconds a call."""
-    return _run(layouts, decode=False)
+    return Plan(layouts).run(decode=False)
 
 
 def decode_many(layouts: list[Layout]) -> None:
     """Decode each layout's ``codes`` and ``scales`` into its float32 ``x``, all in one call."""
-    _run(layouts, decode=True)
+    Plan(layouts).run(decode=True)

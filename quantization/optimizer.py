@@ -15,6 +15,7 @@ from .quantizer import quantize_, quantize_many_
 from .state_codec import (
     LowBitState,
     QuantizedState,
+    StateArena,
     StateFormat,
     decode_states,
     quantize_state,
@@ -62,6 +63,7 @@ class LowPrecisionOptimizer:
         self.grad_fmt = grad
         self.state_fmt = state
         self.generator = generator
+        self._arena: StateArena | None = None  # low-bit state's buffers, kept between steps
         self.quantize_weights()
 
     @classmethod
@@ -132,7 +134,9 @@ class LowPrecisionOptimizer:
             for name, value in state.items()
             if isinstance(value, QuantizedState)
         ]
-        decoded = decode_states([state[name] for _, state, name in entries])
+        values = [state[name] for _, state, name in entries]
+        arena = self._arena
+        decoded = arena.decode() if arena and arena.holds(values) else decode_states(values)
         for (p, state, name), tensor in zip(entries, decoded, strict=True):
             state[name] = tensor.to(p.device)
 
@@ -148,9 +152,16 @@ class LowPrecisionOptimizer:
         ]
         values = [state[name] for state, name in entries]
         fmts = [self._low_bit_format(name) for _, name in entries]
-        for (state, name), q in zip(
-            entries, quantize_states(values, fmts, self.generator), strict=True
-        ):
+        arena = self._arena
+        if arena is None or not arena.fits(values, fmts):
+            arena = StateArena.covering(values, fmts)
+        self._arena = None  # until it holds this step's codes
+        if arena is None:
+            encoded = quantize_states(values, fmts, self.generator)
+        else:
+            encoded = arena.encode(values, self.generator)
+            self._arena = arena
+        for (state, name), q in zip(entries, encoded, strict=True):
             state[name] = q
 
     def _quantize_state(self, name: str, value: torch.Tensor) -> torch.Tensor:
@@ -176,7 +187,7 @@ class LowPrecisionOptimizer:
             for name, value in self.optimizer.state.get(p, {}).items():
                 key = f"{index}.{name}"
                 if isinstance(value, QuantizedState):
-                    exported[key] = value
+                    exported[key] = value.clone()  # the next step rewrites the arena's codes
                     continue
                 if not isinstance(value, torch.Tensor):
                     value = torch.tensor(value)

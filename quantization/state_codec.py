@@ -217,6 +217,10 @@ class QuantizedState:
             fmt,
         )
 
+    def clone(self) -> QuantizedState:
+        """A copy with its own codes and scales."""
+        return QuantizedState(self.codes.clone(), self.scales.clone(), self.shape, self.fmt)
+
     def nbytes(self) -> int:
         """Bytes of the stored form: packed codes plus float32 scales."""
         return self.codes.numel() + 4 * self.scales.numel()
@@ -410,6 +414,96 @@ def decode_states(states: Sequence[QuantizedState]) -> list[torch.Tensor]:
             values = q.fmt.values.to(q.codes.device)[q.indices.long()].reshape(-1)
             out[i] = (values * _expand_scales(q.scales, q.shape, q.fmt)).reshape(q.shape)
     return out  # type: ignore[return-value]
+
+
+class StateArena:
+    """The low-bit state of a fixed list of CPU tensors (shapes and formats), its codes in one
+    buffer and its scales in another, with the kernel table built once.
+
+    An optimizer's state has the same tensors every step; with the table kept, encoding and
+    decoding all of it is one kernel call each and almost no Python per tensor. ``encode``
+    rewrites ``states`` in place, as torch's optimizers update their state tensors in place;
+    copy a state (``QuantizedState.clone``) to keep it. Results equal ``quantize_states``'
+    bit for bit, keys drawn in the same order.
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor], fmts: Sequence[StateFormat]) -> None:
+        self.fmts = list(fmts)
+        self.shapes = [tuple(x.shape) for x in tensors]
+        self._numels = [math.prod(shape) for shape in self.shapes]
+        pairs = list(zip(self.shapes, self.fmts, strict=True))
+        codes = _views(torch.uint8, [packed_size(math.prod(sh), f.bits) for sh, f in pairs])
+        scales = _views(torch.float32, [num_scales(sh, f) for sh, f in pairs])
+        self.states = [
+            QuantizedState(c, sc, shape, fmt)
+            for c, sc, shape, fmt in zip(codes, scales, self.shapes, fmts, strict=True)
+        ]
+        self._stochastic = [i for i, f in enumerate(fmts) if f.rounding == "stochastic"]
+        self._plan = _state_kernels.Plan(
+            [
+                _layout(x, q.codes, q.scales, q.fmt, (0, 0))
+                for x, q in zip(tensors, self.states, strict=True)
+            ]
+        )
+
+    @classmethod
+    def covering(
+        cls, tensors: Sequence[torch.Tensor], fmts: Sequence[StateFormat]
+    ) -> StateArena | None:
+        """An arena for these tensors, or None unless the compiled kernels cover them all."""
+        if not tensors or not all(_arena_tensor(x, f) for x, f in zip(tensors, fmts, strict=True)):
+            return None
+        return cls(tensors, fmts)
+
+    def fits(self, tensors: Sequence[torch.Tensor], fmts: Sequence[StateFormat]) -> bool:
+        """Whether ``encode`` takes these tensors: the same shapes and formats, and each one
+        contiguous float32 on the CPU."""
+        return (
+            len(tensors) == len(self.shapes)
+            and list(fmts) == self.fmts
+            and all(
+                tuple(x.shape) == shape and _arena_tensor(x, f)
+                for x, shape, f in zip(tensors, self.shapes, fmts, strict=True)
+            )
+        )
+
+    def holds(self, states: Sequence[QuantizedState]) -> bool:
+        """Whether ``states`` are this arena's, in order (what ``decode`` decodes)."""
+        return len(states) == len(self.states) and all(
+            a is b for a, b in zip(states, self.states, strict=True)
+        )
+
+    def encode(
+        self, tensors: Sequence[torch.Tensor], generator: torch.Generator | None = None
+    ) -> list[QuantizedState]:
+        """Encode ``tensors`` (``fits``) into ``states``, one kernel call; raises as
+        ``quantize_state`` does, leaving ``states`` partly written."""
+        for i, x in enumerate(tensors):
+            self._plan.set_x(i, x.data_ptr())
+        for i in self._stochastic:
+            self._plan.set_key(i, split_key(draw_key(generator)))
+        if self._plan.run(decode=False) != _state_kernels.STATE_OK:
+            quantize_states(tensors, self.fmts)  # the torch path names the problem
+            raise AssertionError("the state kernel refused values the torch path accepts")
+        return self.states
+
+    def decode(self) -> list[torch.Tensor]:
+        """``states``' float32 tensors, views of one new buffer, one kernel call."""
+        flats = _views(torch.float32, self._numels)
+        for i, flat in enumerate(flats):
+            self._plan.set_x(i, flat.data_ptr())
+        self._plan.run(decode=True)
+        return [flat.view(shape) for flat, shape in zip(flats, self.shapes, strict=True)]
+
+
+def _arena_tensor(x: torch.Tensor, fmt: StateFormat) -> bool:
+    shape = tuple(x.shape)
+    return (
+        x.dtype == torch.float32
+        and x.is_contiguous()
+        and x.numel() > 0
+        and _kernel_applies(x, shape, fmt)
+    )
 
 
 def _views(dtype: torch.dtype, sizes: list[int]) -> tuple[torch.Tensor, ...]:

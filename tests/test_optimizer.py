@@ -285,3 +285,39 @@ def test_adam_at_8_bits_stays_finite_on_mnist_convnet():
     for p in model.parameters():
         assert torch.isfinite(p).all()
         assert torch.isfinite(opt.optimizer.state[p]["exp_avg_sq"]).all()
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd_momentum"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_low_bit_state_kept_in_one_arena_trains_bit_for_bit_as_tensor_by_tensor(
+    name, bits, monkeypatch, one_thread
+):
+    from quantization import LowBitState
+    from quantization import optimizer as optimizer_module
+
+    def run(arena: bool) -> tuple[list[torch.Tensor], dict, LowPrecisionOptimizer]:
+        if not arena:
+            monkeypatch.setattr(optimizer_module.StateArena, "covering", lambda *a: None)
+        model = _tiny_model()
+        opt = LowPrecisionOptimizer(
+            OPTIMIZERS[name](list(model.parameters())), FMT, FMT, LowBitState.at(bits),
+            torch.Generator().manual_seed(3),
+        )  # fmt: skip
+        for step in range(4):
+            _train_step(model, opt, step)
+            if step == 1:
+                exported = opt.export_state()  # copies: later steps leave it as it was
+                saved = {k: v.codes.clone() for k, v in exported.items() if hasattr(v, "codes")}
+        assert all(torch.equal(exported[k].codes, c) for k, c in saved.items())
+        monkeypatch.undo()
+        return [p.detach().clone() for p in model.parameters()], opt.export_state(), opt
+
+    weights, state, opt = run(arena=True)
+    want_weights, want_state, plain = run(arena=False)
+    assert opt._arena is not None and plain._arena is None  # each took its own route
+    assert all(torch.equal(a, b) for a, b in zip(weights, want_weights, strict=True))
+    assert state.keys() == want_state.keys()
+    for key, value in state.items():
+        if hasattr(value, "codes"):
+            assert torch.equal(value.codes, want_state[key].codes)
+            assert torch.equal(value.scales, want_state[key].scales)

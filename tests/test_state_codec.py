@@ -16,6 +16,7 @@ from lowprec_fl.wire import WireFormatError, encode_tensors, read_tensors
 from quantization import FP32, BlockFloat, LowBitState, LowPrecisionOptimizer, quantize_state
 from quantization.state_codec import (
     QuantizedState,
+    StateArena,
     StateFormat,
     code_map,
     decode_states,
@@ -424,3 +425,51 @@ def test_the_lookup_table_finds_the_same_codes_as_a_binary_search(fmt):
     ).clamp(low, 1.0)
     expected = (torch.searchsorted(values, x, right=True) - 1).clamp(min=0)
     assert torch.equal(_lower_index(fmt, x), expected)
+
+
+def _adam_state_like(seed: int) -> tuple[list[torch.Tensor], list[StateFormat]]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(16, 3, 3, 3), (16,), (10, 300), (1,)]
+    tensors, fmts = [], []
+    for bits in (8, 4):
+        for shape in shapes:
+            tensors += [torch.randn(shape, generator=g), torch.rand(shape, generator=g) ** 4]
+            fmts += [first_moment_format(bits), second_moment_format(bits)]
+    return tensors, fmts
+
+
+def test_an_arena_encodes_and_decodes_as_one_call_per_tensor_step_after_step():
+    tensors, fmts = _adam_state_like(0)
+    arena = StateArena.covering(tensors, fmts)
+    assert arena is not None and arena.fits(tensors, fmts)
+    mine, reference = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    for step in range(3):  # the same buffers rewritten, new keys each step
+        states = arena.encode(tensors, mine)
+        want = quantize_states(tensors, fmts, reference)
+        assert arena.holds(states) and not arena.holds(want)
+        for a, b in zip(states, want, strict=True):
+            assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales)
+        decoded = arena.decode()
+        for d, w in zip(decoded, decode_states(want), strict=True):
+            assert torch.equal(d, w)
+        tensors = [
+            d * 0.9 + 0.1 * x for d, x in zip(decoded, _adam_state_like(step + 1)[0], strict=True)
+        ]
+        tensors = [t.abs() if not f.signed else t for t, f in zip(tensors, fmts, strict=True)]
+
+
+def test_an_arena_covers_only_what_the_kernels_take_and_refuses_bad_values():
+    tensors, fmts = _adam_state_like(0)
+    rank1 = dataclasses.replace(fmts[4], normalization="rank1")
+    assert StateArena.covering([*tensors[:4], torch.rand(256, 128)], [*fmts[:4], rank1]) is None
+    assert StateArena.covering([tensors[4].t()], [fmts[4]]) is None  # not contiguous
+    assert StateArena.covering([tensors[0].double()], [fmts[0]]) is None
+    arena = StateArena.covering(tensors, fmts)
+    assert not arena.fits(tensors[:-1], fmts[:-1]) and not arena.fits(tensors[::-1], fmts[::-1])
+    bad = [t.clone() for t in tensors]
+    bad[1][3] = -1.0  # a negative second moment
+    with pytest.raises(ValueError, match="stores nonnegative values"):
+        arena.encode(bad)
+    bad[1][3], bad[0][0, 0, 0, 0] = 1.0, float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        arena.encode(bad)

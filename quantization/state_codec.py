@@ -439,6 +439,7 @@ class StateArena:
             for c, sc, shape, fmt in zip(codes, scales, self.shapes, fmts, strict=True)
         ]
         self._stochastic = [i for i, f in enumerate(fmts) if f.rounding == "stochastic"]
+        self._decoded: list[torch.Tensor] | None = None
         self._plan = _state_kernels.Plan(
             [
                 _layout(x, q.codes, q.scales, q.fmt, (0, 0))
@@ -457,14 +458,16 @@ class StateArena:
 
     def fits(self, tensors: Sequence[torch.Tensor], fmts: Sequence[StateFormat]) -> bool:
         """Whether ``encode`` takes these tensors: the same shapes and formats, and each one
-        contiguous float32 on the CPU."""
-        return (
-            len(tensors) == len(self.shapes)
-            and list(fmts) == self.fmts
-            and all(
-                tuple(x.shape) == shape and _arena_tensor(x, f)
-                for x, shape, f in zip(tensors, self.shapes, fmts, strict=True)
-            )
+        contiguous float32 on the CPU (at once when they are ``decode``'s tensors, which
+        torch's optimizers update in place)."""
+        if list(fmts) != self.fmts or len(tensors) != len(self.shapes):
+            return False
+        decoded = self._decoded
+        if decoded is not None and all(a is b for a, b in zip(tensors, decoded, strict=True)):
+            return True
+        return all(
+            tuple(x.shape) == shape and _arena_tensor(x, f)
+            for x, shape, f in zip(tensors, self.shapes, fmts, strict=True)
         )
 
     def holds(self, states: Sequence[QuantizedState]) -> bool:
@@ -478,6 +481,7 @@ class StateArena:
     ) -> list[QuantizedState]:
         """Encode ``tensors`` (``fits``) into ``states``, one kernel call; raises as
         ``quantize_state`` does, leaving ``states`` partly written."""
+        self._decoded = None  # not kept: the float32 state goes once it is encoded
         for i, x in enumerate(tensors):
             self._plan.set_x(i, x.data_ptr())
         for i in self._stochastic:
@@ -493,7 +497,8 @@ class StateArena:
         for i, flat in enumerate(flats):
             self._plan.set_x(i, flat.data_ptr())
         self._plan.run(decode=True)
-        return [flat.view(shape) for flat, shape in zip(flats, self.shapes, strict=True)]
+        self._decoded = [flat.view(shape) for flat, shape in zip(flats, self.shapes, strict=True)]
+        return self._decoded
 
 
 def _arena_tensor(x: torch.Tensor, fmt: StateFormat) -> bool:

@@ -321,3 +321,31 @@ def test_low_bit_state_kept_in_one_arena_trains_bit_for_bit_as_tensor_by_tensor(
         if hasattr(value, "codes"):
             assert torch.equal(value.codes, want_state[key].codes)
             assert torch.equal(value.scales, want_state[key].scales)
+
+
+def test_low_bit_state_leaves_no_float32_copy_between_steps(one_thread):
+    import gc
+    import weakref
+
+    from quantization import LowBitState
+
+    model = _tiny_model()
+    opt = LowPrecisionOptimizer(
+        torch.optim.Adam(model.parameters(), lr=1e-2), FMT, FMT, LowBitState.at(8)
+    )
+    for step in range(3):
+        _train_step(model, opt, step)
+    decoded = []  # the float32 tensors the next step decodes into
+    real_decode = opt._arena.decode
+
+    def recording_decode() -> list[torch.Tensor]:
+        decoded.extend(real_decode())
+        return decoded
+
+    opt._arena.decode = recording_decode
+    _train_step(model, opt, 3)
+    assert opt._arena is not None and len(decoded) == 8  # Adam's 2 moments of 4 parameters
+    buffers = [weakref.ref(t) for t in decoded]
+    decoded.clear()
+    gc.collect()
+    assert all(ref() is None for ref in buffers)  # freed once encoded

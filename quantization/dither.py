@@ -25,6 +25,15 @@ def draw_key(generator: torch.Generator | None = None) -> int:
     return int(torch.randint(0, 1 << 62, (), generator=generator, dtype=torch.int64))
 
 
+def draw_keys(count: int, generator: torch.Generator | None = None) -> list[int]:
+    """``count`` keys, the same as ``count`` calls of ``draw_key`` in a row (torch's CPU
+    generator fills a small tensor element by element, in order; tested), in one call: a
+    training step draws one key a tensor, some 40 of them."""
+    if count == 0:
+        return []
+    return torch.randint(0, 1 << 62, (count,), generator=generator, dtype=torch.int64).tolist()
+
+
 def split_key(key: int) -> tuple[int, int]:
     """Split a dither key into the two 32-bit words the hash consumes."""
     return key & MASK32, (key >> 32) & MASK32

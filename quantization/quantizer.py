@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 
 from . import _cpu_kernels, _multi_tensor
-from .dither import check_dither_size, draw_key, hash_counters, split_key
+from .dither import check_dither_size, draw_key, draw_keys, hash_counters, split_key
 from .format import EXPONENT_MAX, EXPONENT_MIN, BlockFloat
 
 _FLOAT_EXPONENT_ALL_ONES = 0x7F800000
@@ -295,10 +295,11 @@ def quantize_many_(
             quantize_(t, fmt, generator)
         return
     mode = _ROUNDING_MODES[fmt.rounding]
-    keys = []
     for t in tensors:
         check_dither_size(t.numel())
-        keys.append(split_key(draw_key(generator) if mode == _cpu_kernels.ROUND_STOCHASTIC else 0))
+    stochastic = mode == _cpu_kernels.ROUND_STOCHASTIC
+    drawn = draw_keys(len(tensors), generator) if stochastic else [0] * len(tensors)
+    keys = [split_key(key) for key in drawn]
     block_lens = [fmt.block_length(tuple(t.shape)) for t in tensors]
     flats = [t.view(-1) for t in tensors]
     if not _multi_tensor.quantize_many_flat(flats, block_lens, fmt.bits, mode, keys):

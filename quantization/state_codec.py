@@ -38,7 +38,7 @@ import torch
 
 from . import _state_kernels
 from ._cpu_kernels import _LARGEST_BELOW_TWO_POW_32, _TWO_POW_32
-from .dither import check_dither_size, dither_bits, draw_key, split_key
+from .dither import check_dither_size, dither_bits, draw_keys, split_key
 from .packing import packed_size
 from .quantizer import cpu_kernels_enabled
 
@@ -371,12 +371,13 @@ def quantize_states(
     formats are drawn from ``generator`` in the same order. Those the compiled kernels cover
     are encoded in one call (an optimizer step's state: one call, not one per tensor), their
     codes and scales views of one buffer each."""
-    flats, keys = [], []
-    for x, fmt in zip(tensors, fmts, strict=True):
+    flats = []
+    for x in tensors:
         flat = x.detach().float().reshape(-1).contiguous()
         check_dither_size(flat.numel())
         flats.append(flat)
-        keys.append(draw_key(generator) if fmt.rounding == "stochastic" else 0)
+    drawn = iter(draw_keys(sum(f.rounding == "stochastic" for f in fmts), generator))
+    keys = [next(drawn) if f.rounding == "stochastic" else 0 for f in fmts]
     shapes = [tuple(x.shape) for x in tensors]
     kernel = [i for i, flat in enumerate(flats) if _kernel_applies(flat, shapes[i], fmts[i])]
     states: list[QuantizedState | None] = [None] * len(flats)
@@ -484,8 +485,10 @@ class StateArena:
         self._decoded = None  # not kept: the float32 state goes once it is encoded
         for i, x in enumerate(tensors):
             self._plan.set_x(i, x.data_ptr())
-        for i in self._stochastic:
-            self._plan.set_key(i, split_key(draw_key(generator)))
+        for i, key in zip(
+            self._stochastic, draw_keys(len(self._stochastic), generator), strict=True
+        ):
+            self._plan.set_key(i, split_key(key))
         if self._plan.run(decode=False) != _state_kernels.STATE_OK:
             quantize_states(tensors, self.fmts)  # the torch path names the problem
             raise AssertionError("the state kernel refused values the torch path accepts")

@@ -62,3 +62,12 @@ def test_unbiased_on_random_data_across_calls():
     assert inside.float().mean() > 0.9
     assert abs(err[inside].mean().item()) < 5 * 0.5 / np.sqrt(calls * int(inside.sum()))
     assert err[inside].abs().max().item() < 5.5 * 0.5 / np.sqrt(calls)
+
+
+@pytest.mark.parametrize("count", [0, 1, 14, 300])
+def test_keys_drawn_together_are_the_keys_drawn_one_by_one(count):
+    from quantization.dither import draw_key, draw_keys
+
+    together, apart = torch.Generator().manual_seed(count), torch.Generator().manual_seed(count)
+    assert draw_keys(count, together) == [draw_key(apart) for _ in range(count)]
+    assert torch.equal(torch.rand(3, generator=together), torch.rand(3, generator=apart))

@@ -92,16 +92,18 @@ def _neighbours(normalized, uppers, lows, highs, values, table):
     """The neighbouring codes ``lo <= n < hi`` of each value, from its bucket (in ``uppers``
     on entry, the index of ``hi`` on return): the table loads, kept in a loop of their own.
 
-    ``values`` is the map followed by one +inf (``state_codec.kernel_values``), so no index
-    needs clamping: at the top code (``n = 1``) ``hi`` is +inf, where both roundings keep
-    ``lo``, the same code a clamped pair's rounding picks."""
+    ``values`` is the map followed by one +inf (``state_codec.kernel_values``), so the look
+    at the next code needs no bounds check; the one clamp left keeps the top code's pair
+    ``(top - 1, top)``, as the torch path's. (Clamping every index compiled to branches
+    around each element's dependent loads.)"""
+    top = _U32(values.size - 2)  # the sentinel is the last entry
     for j in range(normalized.size):
         lower = _U32(table[uppers[j]])
         lower += _U32(values[lower + _U32(1)] <= normalized[j])
-        upper = lower + _U32(1)
-        uppers[j] = upper
+        lower = min(lower, top - _U32(1))
+        uppers[j] = lower + _U32(1)
         lows[j] = values[lower]
-        highs[j] = values[upper]
+        highs[j] = values[lower + _U32(1)]
 
 
 @njit(inline="always")

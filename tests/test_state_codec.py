@@ -466,6 +466,8 @@ def test_an_arena_covers_only_what_the_kernels_take_and_refuses_bad_values():
     assert StateArena.covering([tensors[0].double()], [fmts[0]]) is None
     arena = StateArena.covering(tensors, fmts)
     assert not arena.fits(tensors[:-1], fmts[:-1]) and not arena.fits(tensors[::-1], fmts[::-1])
+    with pytest.raises(ValueError, match="encodes 16 tensors, got 15"):
+        arena.encode(tensors[:-1])
     bad = [t.clone() for t in tensors]
     bad[1][3] = -1.0  # a negative second moment
     with pytest.raises(ValueError, match="stores nonnegative values"):
@@ -473,3 +475,25 @@ def test_an_arena_covers_only_what_the_kernels_take_and_refuses_bad_values():
     bad[1][3], bad[0][0, 0, 0, 0] = 1.0, float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
         arena.encode(bad)
+
+
+def test_the_kernel_rounds_a_block_maximum_as_the_torch_path_even_at_one_in_2_to_the_24():
+    # A block's maximum normalizes to exactly 1.0, the top code. Its stochastic rounding runs
+    # between the top two codes with p = 1, which still rounds down when the element's hash
+    # is at least floor(p * 2^32) clamped to 4294967040 (probability 2^-24): dither key 12345
+    # puts such a hash on element 1417976. Kernel and torch path must agree there too.
+    from quantization import _state_kernels, state_codec
+    from quantization.dither import dither_bits, split_key
+
+    key, index = 12345, 1417976
+    assert int(dither_bits(index + 1, key)[index]) >= 4294967040  # the rare hash is there
+    fmt = first_moment_format(8)
+    x = torch.full((index + 1,), 0.5)
+    x[index] = 1.0
+    reference = state_codec._encode_torch(x, tuple(x.shape), fmt, key)
+    codes = torch.empty_like(reference.codes)
+    scales = torch.empty_like(reference.scales)
+    layout = state_codec._layout(x, codes, scales, fmt, split_key(key))
+    assert _state_kernels.encode_many([layout]) == _state_kernels.STATE_OK
+    assert torch.equal(codes, reference.codes) and torch.equal(scales, reference.scales)
+    assert int(reference.indices[index]) == 254  # rounded down from the top code (255)

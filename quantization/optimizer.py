@@ -42,6 +42,10 @@ class LowPrecisionOptimizer:
     the weight grid, second moments (which divide the update: a small entry rounded to zero
     turns a tiny gradient into a step of ``lr * m / eps``) as their square root rounded up;
     ``FP32`` leaves it alone.
+
+    Low-bit state lives in one arena (``StateArena``) whose codes each step rewrites in place,
+    as torch's optimizers update their float32 state in place: a ``state_dict()`` of the
+    wrapped optimizer refers to live state; ``export_state()`` copies.
     """
 
     def __init__(
@@ -136,7 +140,13 @@ class LowPrecisionOptimizer:
         ]
         values = [state[name] for _, state, name in entries]
         arena = self._arena
-        decoded = arena.decode() if arena and arena.holds(values) else decode_states(values)
+        if arena is not None and arena.holds(values):
+            decoded = arena.decode()
+        else:
+            # some state stays in the arena's codes (a parameter without a gradient this
+            # step, or imported state): its buffers must not be rewritten, so start anew
+            self._arena = None
+            decoded = decode_states(values)
         for (p, state, name), tensor in zip(entries, decoded, strict=True):
             state[name] = tensor.to(p.device)
 

@@ -483,15 +483,19 @@ class StateArena:
         """Encode ``tensors`` (``fits``) into ``states``, one kernel call; raises as
         ``quantize_state`` does, leaving ``states`` partly written."""
         self._decoded = None  # not kept: the float32 state goes once it is encoded
+        if len(tensors) != len(self.shapes):  # the table's other rows would read stale memory
+            raise ValueError(f"this arena encodes {len(self.shapes)} tensors, got {len(tensors)}")
         for i, x in enumerate(tensors):
             self._plan.set_x(i, x.data_ptr())
         for i, key in zip(
             self._stochastic, draw_keys(len(self._stochastic), generator), strict=True
         ):
             self._plan.set_key(i, split_key(key))
-        if self._plan.run(decode=False) != _state_kernels.STATE_OK:
-            quantize_states(tensors, self.fmts)  # the torch path names the problem
-            raise AssertionError("the state kernel refused values the torch path accepts")
+        status = self._plan.run(decode=False)
+        if status != _state_kernels.STATE_OK:
+            for x, fmt in zip(tensors, self.fmts, strict=True):
+                _check_values(x.reshape(-1), fmt)  # names the format
+            _raise_for(status, self.fmts[0])
         return self.states
 
     def decode(self) -> list[torch.Tensor]:
@@ -538,10 +542,7 @@ def _encode_torch(
     flat: torch.Tensor, shape: tuple[int, ...], fmt: StateFormat, key: int
 ) -> QuantizedState:
     """The vectorized torch path of ``quantize_state`` (any device, rank-1 scales)."""
-    if not bool(torch.isfinite(flat).all()):
-        _raise_for(_state_kernels.STATE_NOT_FINITE, fmt)
-    if not fmt.signed and bool((flat < 0).any()):
-        _raise_for(_state_kernels.STATE_NEGATIVE, fmt)
+    _check_values(flat, fmt)
     scales = _scales(flat.reshape(shape), fmt)
     per_element = _expand_scales(scales, shape, fmt)
     safe = torch.where(per_element > 0, per_element, torch.ones_like(per_element))
@@ -558,6 +559,14 @@ def _encode_torch(
         take_hi = (hi - normalized) < (normalized - lo)
     indices = torch.where(take_hi, upper, upper - 1)
     return QuantizedState(_pack_indices(indices, fmt.bits), scales, shape, fmt)
+
+
+def _check_values(flat: torch.Tensor, fmt: StateFormat) -> None:
+    """Raise the ``quantize_state`` error for values ``fmt`` cannot store."""
+    if not bool(torch.isfinite(flat).all()):
+        _raise_for(_state_kernels.STATE_NOT_FINITE, fmt)
+    if not fmt.signed and bool((flat < 0).any()):
+        _raise_for(_state_kernels.STATE_NEGATIVE, fmt)
 
 
 def _raise_for(status: int, fmt: StateFormat) -> None:

@@ -349,3 +349,40 @@ def test_low_bit_state_leaves_no_float32_copy_between_steps(one_thread):
     decoded.clear()
     gc.collect()
     assert all(ref() is None for ref in buffers)  # freed once encoded
+
+
+@pytest.mark.parametrize("name", ["sgd_momentum", "adam"])
+def test_state_of_a_parameter_without_a_gradient_is_left_as_it_was(name, monkeypatch, one_thread):
+    # parameters of one shape that take turns: the arena of one step must not be reused for
+    # another set of parameters while an idle one's state still lives in it
+    from quantization import LowBitState
+    from quantization import optimizer as optimizer_module
+
+    def run(arena: bool) -> list[list[torch.Tensor]]:
+        if not arena:
+            monkeypatch.setattr(optimizer_module.StateArena, "covering", lambda *a: None)
+        params = [nn.Parameter(torch.randn(300, generator=torch.Generator().manual_seed(i)))
+                  for i in range(3)]  # fmt: skip
+        opt = LowPrecisionOptimizer(
+            OPTIMIZERS[name](params), FMT, FMT, LowBitState.at(8), torch.Generator().manual_seed(1)
+        )
+        history = []
+        for step, active in enumerate([(0, 1), (1, 2), (0, 2), (0, 1, 2)]):
+            opt.zero_grad()
+            for i in active:
+                g = torch.Generator().manual_seed(10 * step + i)
+                params[i].grad = torch.randn(300, generator=g) * (step + 1)
+            before = {i: opt.optimizer.state[params[i]] for i in range(3) if i not in active}
+            before = {
+                i: {k: v.decode() for k, v in s.items() if k != "step"} for i, s in before.items()
+            }
+            opt.step()
+            for i, state in before.items():
+                for k, value in state.items():
+                    assert torch.equal(opt.optimizer.state[params[i]][k].decode(), value)
+            history.append([p.detach().clone() for p in params])
+        monkeypatch.undo()
+        return history
+
+    for a, b in zip(run(arena=True), run(arena=False), strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))

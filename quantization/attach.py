@@ -3,9 +3,9 @@
 ``attach_low_precision(model, precision, generator, arithmetic)`` attaches the activation and
 error quantizers (``attach_quantizers``) and, for ``arithmetic="int8"``, also reroutes conv and
 linear layers onto integer products (``integer_arithmetic``), makes ReLUs save 1-byte masks and
-keeps the codes the quantizers hand over as what autograd saves (``compact_saved``), and
-feeds the model channels-last images. Run each forward pass inside ``forward()``; ``remove()``
-(or leaving the ``with`` block) restores the model. Used by the ClientApp's training loop and
+keeps the codes the quantizers hand over as what autograd saves (``compact_saved``). Run each
+forward pass inside ``forward()``; ``remove()`` (or leaving the ``with`` block) restores the
+model. Used by the ClientApp's training loop and
 by the benchmarks, so both train the same way.
 """
 
@@ -35,7 +35,7 @@ class _Removable(Protocol):
 @dataclass
 class LowPrecisionLayers:
     """What ``attach_low_precision`` put on a model: the quantizers, and for int8 the rerouted
-    layers and the input hook; ``forward()`` is the context each forward pass runs in."""
+    layers; ``forward()`` is the context each forward pass runs in."""
 
     quantizers: QuantizerHooks
     arithmetic: str
@@ -77,21 +77,5 @@ def attach_low_precision(
     )
     if not integer:
         return LowPrecisionLayers(quantizers, arithmetic)
-    rerouted = [
-        attach_integer_arithmetic(model, precision),
-        attach_masked_relu(model),
-        model.register_forward_pre_hook(_channels_last_images),
-    ]
+    rerouted = [attach_integer_arithmetic(model, precision), attach_masked_relu(model)]
     return LowPrecisionLayers(quantizers, arithmetic, rerouted, saved_as_codes)
-
-
-def _channels_last_images(_model: nn.Module, inputs: tuple) -> tuple:
-    """The model's 4-d inputs in channels-last order: the oneDNN integer convolutions return
-    channels-last tensors, and one memory order throughout keeps elementwise ops, forward and
-    backward, on their vectorized paths (a float32 first conv then outputs that order too)."""
-    return tuple(
-        x.contiguous(memory_format=torch.channels_last)
-        if isinstance(x, torch.Tensor) and x.dim() == 4
-        else x
-        for x in inputs
-    )

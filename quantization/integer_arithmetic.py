@@ -158,6 +158,12 @@ def _integer_forward(route: _Route, module: nn.Conv2d | nn.Linear) -> Callable[.
         x_codes = route.codes(x, route.activation_fmt, False, "input")
         w_codes = route.codes(module.weight, route.weight_fmt, True, "weight") if x_codes else None
         if x_codes is None or w_codes is None:
+            # float32 here (the first conv, on raw images): a channels-last input makes its
+            # output channels-last, as the integer convs' outputs, so the model keeps one
+            # memory order and elementwise ops stay on their vectorized paths. Only here:
+            # converting an integer conv's input would copy it and lose its handed-over codes
+            if x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             return original(x)
         route.integer_calls += 1
         return product(x, x_codes, w_codes)

@@ -77,5 +77,11 @@ def attach_low_precision(
     )
     if not integer:
         return LowPrecisionLayers(quantizers, arithmetic)
-    rerouted = [attach_integer_arithmetic(model, precision), attach_masked_relu(model)]
-    return LowPrecisionLayers(quantizers, arithmetic, rerouted, saved_as_codes)
+    layers = LowPrecisionLayers(quantizers, arithmetic, forward=saved_as_codes)
+    try:
+        layers.rerouted.append(attach_integer_arithmetic(model, precision))
+        layers.rerouted.append(attach_masked_relu(model))
+    except BaseException:
+        layers.remove()  # leave the model as it was given
+        raise
+    return layers

@@ -70,3 +70,16 @@ def test_int8_leaves_the_model_its_images_as_given_and_a_float32_conv_outputs_ch
     with attach_low_precision(model, _precision(), arithmetic="int8") as layers, layers.forward():
         model(x).sum().backward()
     assert seen[-1].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_failed_attach_leaves_the_model_as_it_was(monkeypatch):
+    def failing(*args):
+        raise RuntimeError("no integer route (test)")
+
+    monkeypatch.setattr("quantization.attach.attach_masked_relu", failing)
+    model, x = _model(), torch.randn(2, 1, 8, 8)
+    plain = model(x)
+    with pytest.raises(RuntimeError, match="no integer route"):
+        attach_low_precision(model, _precision(), arithmetic="int8")
+    assert torch.equal(model(x), plain)  # no quantizer hook left behind
+    assert all("forward" not in vars(m) for m in model.modules())  # nor a rerouted layer

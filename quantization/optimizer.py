@@ -131,13 +131,9 @@ class LowPrecisionOptimizer:
     def _decode_state(self, params: list[torch.nn.Parameter]) -> None:
         """Replace the codes of ``params``' state by float32 tensors, for the wrapped step (all
         in one kernel call on the CPU)."""
-        entries = [
-            (p, state, name)
-            for p in params
-            for state in [self.optimizer.state.get(p, {})]
-            for name, value in state.items()
-            if isinstance(value, QuantizedState)
-        ]
+        entries = self._state_entries(
+            params, lambda _name, value: isinstance(value, QuantizedState)
+        )
         values = [state[name] for _, state, name in entries]
         arena = self._arena
         if arena is not None and arena.holds(values):
@@ -150,18 +146,25 @@ class LowPrecisionOptimizer:
         for (p, state, name), tensor in zip(entries, decoded, strict=True):
             state[name] = tensor.to(p.device)
 
-    def _encode_state(self, params: list[torch.nn.Parameter]) -> None:
-        """Replace ``params``' floating-point state by low-bit codes, all in one kernel call on
-        the CPU; dither keys are drawn in the order of parameters and their state."""
-        entries = [
-            (state, name)
+    def _state_entries(
+        self, params: list[torch.nn.Parameter], keep: Callable[[str, object], bool]
+    ) -> list[tuple[torch.nn.Parameter, dict[str, Any], str]]:
+        """(parameter, its state dict, name) of each state entry ``keep`` accepts, in the
+        order of parameters and their state (the order dither keys are drawn in)."""
+        return [
+            (p, state, name)
             for p in params
             for state in [self.optimizer.state.get(p, {})]
             for name, value in state.items()
-            if _is_quantizable_state(name, value)
+            if keep(name, value)
         ]
-        values = [state[name] for state, name in entries]
-        fmts = [self._low_bit_format(name) for _, name in entries]
+
+    def _encode_state(self, params: list[torch.nn.Parameter]) -> None:
+        """Replace ``params``' floating-point state by low-bit codes, all in one kernel call on
+        the CPU; dither keys are drawn in the order of parameters and their state."""
+        entries = self._state_entries(params, _is_quantizable_state)
+        values = [state[name] for _, state, name in entries]
+        fmts = [self._low_bit_format(name) for *_, name in entries]
         arena = self._arena
         if arena is None or not arena.fits(values, fmts):
             arena = StateArena.covering(values, fmts)
@@ -171,7 +174,7 @@ class LowPrecisionOptimizer:
         else:
             encoded = arena.encode(values, self.generator)
             self._arena = arena
-        for (state, name), q in zip(entries, encoded, strict=True):
+        for (_, state, name), q in zip(entries, encoded, strict=True):
             state[name] = q
 
     def _quantize_state(self, name: str, value: torch.Tensor) -> torch.Tensor:

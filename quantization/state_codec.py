@@ -432,9 +432,12 @@ class StateArena:
         self.fmts = list(fmts)
         self.shapes = [tuple(x.shape) for x in tensors]
         self._numels = [math.prod(shape) for shape in self.shapes]
-        pairs = list(zip(self.shapes, self.fmts, strict=True))
-        codes = _views(torch.uint8, [packed_size(math.prod(sh), f.bits) for sh, f in pairs])
-        scales = _views(torch.float32, [num_scales(sh, f) for sh, f in pairs])
+        codes = _views(
+            torch.uint8, [packed_size(n, f.bits) for n, f in zip(self._numels, fmts, strict=True)]
+        )
+        scales = _views(
+            torch.float32, [num_scales(sh, f) for sh, f in zip(self.shapes, fmts, strict=True)]
+        )
         self.states = [
             QuantizedState(c, sc, shape, fmt)
             for c, sc, shape, fmt in zip(codes, scales, self.shapes, fmts, strict=True)

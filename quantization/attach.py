@@ -5,8 +5,8 @@ error quantizers (``attach_quantizers``) and, for ``arithmetic="int8"``, also re
 linear layers onto integer products (``integer_arithmetic``), makes ReLUs save 1-byte masks and
 keeps the codes the quantizers hand over as what autograd saves (``compact_saved``). Run each
 forward pass inside ``forward()``; ``remove()`` (or leaving the ``with`` block) restores the
-model. Used by the ClientApp's training loop and
-by the benchmarks, so both train the same way.
+model. Used by the ClientApp's training loop and by the benchmarks, so both train the same
+way.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import time
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from benchmarks.report import RESULTS_DIR, Figure, write_results
+from benchmarks.report import RESULTS_DIR, Figure, print_int8_availability, write_results
 from client_app.app import train
 from lowprec_fl.protocol import ARRAYS_KEY, CONFIG_KEY, ROUND_KEY
 from lowprec_fl.task.config import load_config
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run(rounds: int) -> None:
     start = time.perf_counter()
+    print_int8_availability()
     configs = {name: {"overrides": overrides} for name, overrides in VARIANTS.items()}
     for config in configs.values():  # loads the data, compiles the kernels
         epoch_seconds(config)

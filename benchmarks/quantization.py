@@ -21,7 +21,7 @@ import torch
 from flwr.app import RecordDict
 from torch import nn
 
-from benchmarks.report import RESULTS_DIR, Figure, write_results
+from benchmarks.report import RESULTS_DIR, Figure, print_int8_availability, write_results
 from client_app.state import save_optimizer_state
 from lowprec_fl.federated_data import load_image_data
 from lowprec_fl.models import ConvNet, resnet18_cifar
@@ -534,6 +534,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run every benchmark (only the training steps on a GPU), print the figures, save them."""
     device = torch.device(build_parser().parse_args(argv).device)
     start = time.perf_counter()
+    print_int8_availability()
     retain_freed_memory()  # as the ClientApp does (train.retain_freed_memory), for every variant
     benches: tuple[Callable[[], list[Figure]], ...] = (
         bench_train_step_memory,

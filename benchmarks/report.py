@@ -11,6 +11,8 @@ from pathlib import Path
 import numba
 import torch
 
+from quantization.integer_ops import int8_conv_problem
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -45,6 +47,9 @@ def environment() -> dict[str, object]:
         "torch": torch.__version__,
         "numba": numba.__version__,
         "machine": platform.machine(),
+        "cpu": torch.cpu.get_capabilities().get("cpu_name"),  # what lscpu calls "Model name"
+        # why conv layers stay float32 with train.arithmetic=int8 here, or None
+        "int8_conv_problem": int8_conv_problem(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "numba_threads": numba.get_num_threads(),
@@ -62,6 +67,14 @@ def write_results(figures: list[Figure], seconds: float, path: Path) -> Path:
     }
     path.write_text(json.dumps(report, indent=2) + "\n")
     return path
+
+
+def print_int8_availability() -> None:
+    """Say up front when this CPU has no integer conv route: the int8 figures then time the
+    float32 fallback."""
+    problem = int8_conv_problem()
+    if problem is not None:
+        print(f"int8 conv routes unavailable here ({problem}): int8 figures time the fallback")
 
 
 def print_figures(figures: list[Figure]) -> None:

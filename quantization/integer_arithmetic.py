@@ -12,8 +12,10 @@ never depend on the route.
 Where a layer or product has no integer route it falls back to float32 arithmetic on the same
 grid values, with one log line per layer and reason: grouped or non-zero-padded convs, strided
 convs' backward products, weights whose exponents are shared by blocks smaller than an output
-channel (use ``layout="channel"`` or ``"tensor"``), non-CPU tensors, and CPUs or torch builds
-where oneDNN's int8 convolution is missing or inexact.
+channel (use ``layout="channel"`` or ``"tensor"``), non-CPU tensors, x86 CPUs without int8
+dot-product instructions (VNNI or AMX: there oneDNN's int8 kernels are reference code, some 20x
+slower than float32), and CPUs or torch builds where oneDNN's int8 convolution is missing or
+inexact.
 """
 
 from __future__ import annotations
@@ -171,15 +173,17 @@ def _integer_forward(route: _Route, module: nn.Conv2d | nn.Linear) -> Callable[.
     return forward
 
 
-def _conv_problem(module: nn.Conv2d) -> str | None:
-    """Why a conv layer has no integer route at all, or None."""
+def _layer_problem(module: nn.Conv2d | nn.Linear) -> str | None:
+    """Why a conv or linear layer has no integer route at all, or None."""
+    if isinstance(module, nn.Linear):
+        return ops.int8_products_problem()
     if module.groups != 1:
         return f"grouped convolution (groups={module.groups})"
     if module.padding_mode != "zeros":
         return f"padding_mode={module.padding_mode!r} (needs 'zeros')"
     if isinstance(module.padding, str):
         return f"padding={module.padding!r} (needs explicit sizes)"
-    return ops.onednn_int8_conv_exact()
+    return ops.int8_conv_problem()
 
 
 class IntegerArithmetic(ReroutedModules):
@@ -208,7 +212,7 @@ def attach_integer_arithmetic(model: nn.Module, precision: TrainingPrecision) ->
         if kind not in (nn.Conv2d, nn.Linear):
             continue
         route = _Route(name or kind.__name__, precision)
-        problem = _conv_problem(module) if kind is nn.Conv2d else None  # type: ignore[arg-type]
+        problem = _layer_problem(module)  # type: ignore[arg-type]
         if problem is not None:
             route.fallback(problem)
             continue

@@ -243,6 +243,28 @@ def linear_grad_weight(dy: Codes, x: Codes) -> torch.Tensor:
     return _int_mm(dy.codes.t(), x.codes).to(torch.float32).mul_(dy.step * x.step)
 
 
+#: x86 CPU features with int8 dot-product instructions; without one, oneDNN's int8 kernels run
+#: a reference implementation (measured on an AVX2-only AMD EPYC, 2026-12-04: ``torch._int_mm``
+#: of (37k x 128) @ (128 x 128) took 629 ms against 29 ms for the float32 matmul).
+INT8_DOT_PRODUCT_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+@functools.cache
+def int8_products_problem() -> str | None:
+    """None when this CPU has fast int8 products, else why not: on x86 it needs VNNI or AMX
+    (``INT8_DOT_PRODUCT_FEATURES``). Other architectures are not gated (not measured)."""
+    capabilities = torch.cpu.get_capabilities()
+    if capabilities.get("architecture") != "x86_64":
+        return None
+    if any(capabilities.get(feature, False) for feature in INT8_DOT_PRODUCT_FEATURES):
+        return None
+    name = capabilities.get("cpu_name") or "this CPU"
+    return (
+        f"{name} has no int8 dot-product instructions ({', '.join(INT8_DOT_PRODUCT_FEATURES)}): "
+        "int8 products would run oneDNN's reference kernels, about 20x slower than float32"
+    )
+
+
 @functools.cache
 def onednn_int8_conv_exact() -> str | None:
     """None when oneDNN's int8 convolution is present and exact here, else why not.
@@ -272,3 +294,9 @@ def onednn_int8_conv_exact() -> str | None:
     except RuntimeError as error:
         return f"oneDNN's int8 convolution failed here ({error})"
     return None
+
+
+def int8_conv_problem() -> str | None:
+    """None when conv layers have integer routes on this CPU (fast int8 products, and oneDNN's
+    int8 convolution present and exact), else why not."""
+    return int8_products_problem() or onednn_int8_conv_exact()

@@ -44,3 +44,11 @@ def flower_task() -> Iterator[None]:
     torch.manual_seed(0)
     with task_identity():
         yield
+
+
+@pytest.fixture
+def int8_products_allowed(monkeypatch):
+    """Lift the gate that keeps layers in float32 on CPUs without int8 dot-product instructions
+    (``integer_ops.int8_products_problem``): ``torch._int_mm`` is exact there, only slow, and
+    tests using this check numbers, not speed."""
+    monkeypatch.setattr("quantization.integer_ops.int8_products_problem", lambda: None)

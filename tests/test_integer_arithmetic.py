@@ -10,12 +10,16 @@ from torch import nn
 
 from quantization import BlockFloat, TrainingPrecision, attach_quantizers, quantize, quantize_
 from quantization.integer_arithmetic import attach_integer_arithmetic
-from quantization.integer_ops import codes_on_grid, integer_layout_problem, onednn_int8_conv_exact
-
-#: Conv layers need oneDNN's int8 convolution, exact on this CPU (else they stay float32).
-needs_onednn = pytest.mark.skipif(
-    onednn_int8_conv_exact() is not None, reason=str(onednn_int8_conv_exact())
+from quantization.integer_ops import (
+    codes_on_grid,
+    int8_conv_problem,
+    int8_products_problem,
+    integer_layout_problem,
 )
+
+#: Conv layers need fast int8 products and oneDNN's int8 convolution, exact on this CPU (else
+#: they stay float32).
+needs_onednn = pytest.mark.skipif(int8_conv_problem() is not None, reason=str(int8_conv_problem()))
 
 
 def precision(bits: int, weight_layout: str = "channel") -> TrainingPrecision:
@@ -53,6 +57,7 @@ def outputs_and_grads(
     hooks.remove()
     if attached is not None:
         attached.remove()
+        assert attached.routes["0"].integer_calls == 1  # the integer route really ran
     grads = [x.grad] + [param.grad for param in layer.parameters()]
     return out.detach(), grads
 
@@ -113,6 +118,7 @@ def test_conv_products_match_at_8_bits_to_float32_accumulation(case, weight_layo
     (1, 3, 5, True), (7, 33, 2, False), (5, 128, 11, True), (2, 1, 1, True),
 ])  # fmt: skip
 @pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.usefixtures("int8_products_allowed")
 def test_linear_products_equal_fake_quant(rows, features_in, features_out, bias, bits):
     def make():
         torch.manual_seed(features_in)
@@ -280,6 +286,7 @@ def test_codes_handed_over_by_the_quantizers_give_the_same_numbers(touch_in_plac
     assert route.attached_codes == (1 if touch_in_place else 2)
 
 
+@pytest.mark.usefixtures("int8_products_allowed")
 def test_conv_layers_stay_float32_where_onednn_is_inexact(monkeypatch, caplog):
     monkeypatch.setattr(
         "quantization.integer_ops.onednn_int8_conv_exact", lambda: "inexact on this CPU (test)"
@@ -289,6 +296,35 @@ def test_conv_layers_stay_float32_where_onednn_is_inexact(monkeypatch, caplog):
         attached = attach_integer_arithmetic(model, precision(8))
     assert set(attached.routes) == {"2"}
     assert any("layer 0:" in r.getMessage() and "inexact" in r.getMessage() for r in caplog.records)
+
+
+def test_layers_stay_float32_without_int8_dot_product_instructions(monkeypatch, caplog):
+    monkeypatch.setattr("quantization.integer_ops.int8_products_problem", lambda: "no VNNI (test)")
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    with caplog.at_level(logging.INFO, logger="quantization.integer_arithmetic"):
+        attached = attach_integer_arithmetic(model, precision(8))
+    assert attached.routes == {}
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m.split(":")[0] for m in messages if "no VNNI (test)" in m] == ["layer 0", "layer 2"]
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "gated"),
+    [
+        ({"architecture": "x86_64", "avx2": True, "cpu_name": "AMD EPYC"}, True),
+        ({"architecture": "x86_64", "avx2": True, "avx512_vnni": True}, False),
+        ({"architecture": "x86_64", "avx_vnni": True}, False),
+        ({"architecture": "x86_64", "amx_int8": True}, False),
+        ({"architecture": "aarch64", "neon": True}, False),
+    ],
+)
+def test_int8_products_need_dot_product_instructions_on_x86(monkeypatch, capabilities, gated):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    problem = int8_products_problem.__wrapped__()
+    assert (problem is not None) == gated
+    if gated:
+        assert "AMD EPYC has no int8 dot-product instructions" in problem
+        assert "avx512_vnni, avx_vnni, amx_int8" in problem
 
 
 @needs_onednn

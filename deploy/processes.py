@@ -142,6 +142,11 @@ class LoopbackDeployment:
     Each daemon gets its own ``FLWR_HOME`` and working directory under ``workdir``, as it
     would on its own machine; the ``flwr`` CLI uses ``workdir/flwr_home`` with a connection
     named ``connection``. Use as a context manager, or call :meth:`stop` in a ``finally``.
+
+    ``apps_dir``: one folder standing for every daemon's ``FLWR_HOME/apps``, as if the app
+    were already installed on each machine (``flwr install``). Install the app there before
+    the daemons start: Flower takes an existing install folder as complete, so daemons that
+    install into it together could run a half-copied app.
     """
 
     workdir: Path
@@ -153,6 +158,7 @@ class LoopbackDeployment:
     superlink: ManagedProcess | None = None
     supernodes: list[ManagedProcess] = field(default_factory=list)
     superlink_port: int | None = None
+    apps_dir: Path | None = None
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).resolve()
@@ -184,6 +190,8 @@ class LoopbackDeployment:
         cwd = self.workdir / name
         cwd.mkdir(parents=True, exist_ok=True)
         home.mkdir(parents=True, exist_ok=True)
+        if self.apps_dir is not None and not (home / "apps").exists():
+            (home / "apps").symlink_to(Path(self.apps_dir).resolve(), target_is_directory=True)
         log_path = self.workdir / f"{name}.log"
         with log_path.open("wb") as log:
             popen = subprocess.Popen(

@@ -3,6 +3,10 @@ editing Flower records."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -50,6 +54,55 @@ def configured_strategy(run_config: dict):
     return strategy, template, initial
 
 
+def preinstalled_apps(session_dir: Path) -> Path:
+    """The ``apps/`` folder of a FLWR_HOME in ``session_dir`` (pytest's folder for the test
+    session) where this project is installed as Flower installs the FAB it runs (``flwr
+    build``, ``flwr install``), with numba's kernels already compiled beside its sources.
+
+    Private FLWR_HOMEs link their ``apps/`` here (``private_flwr_home``, and the deployment's
+    daemons): an installed app keeps its compiled kernels in ``__pycache__``, as a user's
+    FLWR_HOME does from the second run on, where a fresh install in every test made each
+    ServerApp and ClientApp process compile them again (35 s a process on a 2-core machine).
+    Done once per session; the FAB's hash is that of its content, so every ``flwr run`` of
+    the same tree finds it installed.
+    """
+    from scripts.flwr_local import PROJECT_DIR, flwr_env
+
+    home = session_dir / "preinstalled-flwr-home"
+    apps = home / "apps"
+    if apps.is_dir():
+        return apps
+    fab_dir = session_dir / "preinstalled-fab"
+    fab_dir.mkdir(exist_ok=True)
+    env = flwr_env(home)
+
+    def run(command: list[str], cwd: Path, extra: dict[str, str] | None = None) -> None:
+        done = subprocess.run(
+            command, cwd=cwd, env=env | (extra or {}), capture_output=True, text=True
+        )
+        assert done.returncode == 0, (command, done.stdout[-2000:], done.stderr[-2000:])
+
+    run(["flwr", "build", "--app", str(PROJECT_DIR)], fab_dir)
+    run(["flwr", "install", str(next(fab_dir.glob("*.fab")))], fab_dir)
+    (installed,) = apps.iterdir()
+    # importing the apps compiles every kernel (cache=True writes them beside the sources)
+    code = "import client_app.app, server_app.app"
+    run([sys.executable, "-c", code], installed, {"PYTHONPATH": str(installed)})
+    return apps
+
+
+def private_flwr_home(tmp_path: Path, home: Path | None = None) -> Path:
+    """A fresh FLWR_HOME (``home``, default ``tmp_path/flwr_home``; ``tmp_path`` a test's
+    fixture) whose ``apps/`` is the session's ``preinstalled_apps``. Everything else in it
+    (the SuperLink's database, the connection) is the test's own."""
+    home = home or tmp_path / "flwr_home"
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "apps").exists():
+        apps = preinstalled_apps(tmp_path.parent)
+        (home / "apps").symlink_to(apps, target_is_directory=True)
+    return home
+
+
 def real_flwr_run(
     tmp_path, run_config: str, num_supernodes: int, timeout: float, app_dir=None
 ) -> tuple[int, str, object]:
@@ -61,7 +114,7 @@ def real_flwr_run(
     code = run_simulation(
         run_config=f"{run_config} output-dir='{out}'",
         num_supernodes=num_supernodes,
-        flwr_home=tmp_path / "flwr_home",
+        flwr_home=private_flwr_home(tmp_path),
         timeout=timeout,
         log_path=log,
         app_dir=app_dir,

@@ -30,7 +30,7 @@ from deploy.processes import (
 )
 from lowprec_fl.federated_data import load_image_data
 from scripts.processes import cmdline_pids
-from tests.shared_helpers import mnist_root, write_image_folder
+from tests.shared_helpers import mnist_root, preinstalled_apps, write_image_folder
 
 pytestmark = pytest.mark.e2e
 
@@ -67,7 +67,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         for i, classes in enumerate(NODE_CLASSES)
     ]
     # DATA_ROOT: the ServerApp's central test set; the SuperNodes read only their folders.
-    deployment = LoopbackDeployment(workdir, credentials, extra_env={"DATA_ROOT": mnist_root()})
+    deployment = LoopbackDeployment(
+        workdir,
+        credentials,
+        extra_env={"DATA_ROOT": mnist_root()},
+        apps_dir=preinstalled_apps(workdir.parent),  # the app installed before it is run
+    )
     try:
         deployment.start_superlink()
         node_ids = [

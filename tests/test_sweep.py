@@ -11,6 +11,7 @@ import pytest
 
 from experiments.summary import summarise
 from experiments.sweep import RoundProgress, combinations, run_name, run_sweep
+from tests.shared_helpers import private_flwr_home
 
 
 def test_combinations_cover_the_grid():
@@ -66,6 +67,7 @@ def test_summary_averages_the_last_five_rounds_over_seeds(tmp_path: Path):
 def test_a_tiny_real_sweep_runs_and_resumes(tmp_path: Path, capsys):
     base = "dataset=synthetic federation.num_rounds=1 federation.num_clients=2 train.max_steps=2"
     axes = ["quantization=fp32,bfp4"]
+    private_flwr_home(tmp_path, tmp_path / "tiny" / ".flwr_home")  # the sweep's own FLWR_HOME
     sweep = run_sweep("tiny", base, axes, num_supernodes=2, root=tmp_path, timeout=300)
     rows = {r["setting"]: r for r in summarise(sweep)}
     assert set(rows) == {"quantization=fp32", "quantization=bfp4"}

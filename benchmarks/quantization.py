@@ -10,7 +10,6 @@ the same process, under the allocator setting the ClientApp uses (``lowprec_fl/t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -36,7 +35,7 @@ from quantization import (
     TrainingPrecision,
     encode,
 )
-from quantization.attach import attach_low_precision
+from quantization.attach import LowPrecisionLayers, attach_low_precision
 from quantization.compact_saved import (
     pack_saved,
     unpack_saved,
@@ -104,17 +103,18 @@ def lowp_training(
     arithmetic: str = "fake",
     make_model: Callable[[], nn.Module] = convnet,
     device: torch.device = CPU,
-) -> tuple[nn.Module, LowPrecisionOptimizer, Callable[[], contextlib.AbstractContextManager]]:
-    """(model, optimizer, forward-pass context) set up as ``train_local`` sets them up:
-    weights ... optimizer state quantized; ``arithmetic="int8"``: conv/linear products on
-    integer codes, and codes and ReLU masks saved for backward (``train.arithmetic``)."""
+) -> tuple[nn.Module, LowPrecisionOptimizer, LowPrecisionLayers]:
+    """(model, optimizer, attached layers) set up as ``train_local`` sets them up: weights
+    ... optimizer state quantized; ``arithmetic="int8"``: conv/linear products on integer
+    codes, codes and ReLU masks saved for backward, weights kept as codes between steps
+    (``train.arithmetic``)."""
     model = make_model().to(device)
     generator = torch.Generator().manual_seed(SEED)
     layers = attach_low_precision(model, precision, generator, arithmetic)
     opt = LowPrecisionOptimizer.from_precision(
         torch.optim.Adam(model.parameters(), lr=1e-3), precision, generator
     )
-    return model, opt, layers.forward
+    return model, opt, layers
 
 
 def lowp_step_fn(
@@ -125,14 +125,14 @@ def lowp_step_fn(
     make_model: Callable[[], nn.Module] = convnet,
 ) -> Callable[[], None]:
     """A closure running one low-precision step (``lowp_training``)."""
-    model, opt, saving = lowp_training(precision, arithmetic, make_model, x.device)
+    model, opt, layers = lowp_training(precision, arithmetic, make_model, x.device)
 
     def step() -> None:
         opt.zero_grad()
-        with saving():
+        with layers.forward():
             loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
-        opt.step()
+        layers.optimizer_step(opt)
 
     return step
 
@@ -203,12 +203,15 @@ def training_memory_bytes(
     x: torch.Tensor,
     y: torch.Tensor,
     compact: bool = False,
+    layers: LowPrecisionLayers | None = None,
 ) -> dict[str, int]:
     """Bytes of a training step, by part: weights, gradients, optimizer state and the tensors
     autograd saved for backward at the end of the forward pass (distinct storages, parameters
     excluded; ``compact``: as ``saved_as_codes`` packs them); and ``peak``, the most bytes of
     CPU tensors alive at any point of the step, temporaries included: what the step held when
-    it began (weights, last step's gradients, state) plus its largest allocation growth."""
+    it began (weights, last step's gradients, state) plus its largest allocation growth.
+    With ``layers``, the optimizer steps through ``layers.optimizer_step`` (int8: weights kept
+    as codes between steps, counted as their codes and steps)."""
     params = list(model.parameters())
     param_storages = {p.untyped_storage().data_ptr() for p in params}
     saved: dict[int, int] = {}
@@ -228,15 +231,26 @@ def training_memory_bytes(
         with torch.autograd.graph.saved_tensors_hooks(counting_pack, unpack):
             loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
-        opt.step()
+        if layers is None:
+            opt.step()
+        else:
+            layers.optimizer_step(opt)
+
+    def weight_bytes() -> int:  # a parked weight's storage is a 4-byte placeholder
+        parked = 0 if layers is None else layers.parked_weight_bytes()
+        return sum(p.untyped_storage().nbytes() for p in params) + parked
 
     step(count=False)  # the optimizer state exists from here on
-    held_before = sum(p.nbytes for p in params) * 2 + _state_bytes(getattr(opt, "optimizer", opt))
+    held_before = (
+        weight_bytes()
+        + sum(p.grad.nbytes for p in params if p.grad is not None)
+        + _state_bytes(getattr(opt, "optimizer", opt))
+    )
     activities = [torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
         step(count=True)
     return {
-        "weights": sum(p.nbytes for p in params),
+        "weights": weight_bytes(),
         "gradients": sum(p.grad.nbytes for p in params if p.grad is not None),
         "optimizer_state": _state_bytes(getattr(opt, "optimizer", opt)),
         "saved_activations": sum(saved.values()),
@@ -271,8 +285,8 @@ def bench_train_step_memory() -> list[Figure]:
     }
     figures = [Figure(f"train_step_memory_fp32_{k}_bytes", float(v), "B") for k, v in fp32.items()]
     for name, (precision, arithmetic) in variants.items():
-        model, opt, _ = lowp_training(precision, arithmetic)
-        parts = training_memory_bytes(model, opt, x, y, compact=arithmetic == "int8")
+        model, opt, layers = lowp_training(precision, arithmetic)
+        parts = training_memory_bytes(model, opt, x, y, arithmetic == "int8", layers)
         target = "<= 0.6" if name == "int8" else None
         peak = parts["peak"] / fp32["peak"]
         held = (sum(parts.values()) - parts["peak"]) / (sum(fp32.values()) - fp32["peak"])

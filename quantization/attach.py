@@ -4,9 +4,10 @@
 error quantizers (``attach_quantizers``) and, for ``arithmetic="int8"``, also reroutes conv and
 linear layers onto integer products (``integer_arithmetic``), makes ReLUs save 1-byte masks and
 keeps the codes the quantizers hand over as what autograd saves (``compact_saved``). Run each
-forward pass inside ``forward()``; ``remove()`` (or leaving the ``with`` block) restores the
-model. Used by the ClientApp's training loop and by the benchmarks, so both train the same
-way.
+forward pass inside ``forward()`` and each optimizer step through ``optimizer_step()`` (on
+the int8 path it keeps weights as int8 codes between steps); ``remove()`` (or leaving the
+``with`` block) restores the model. Used by the ClientApp's training loop and by the
+benchmarks, so both train the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 
 from .compact_saved import attach_masked_relu, saved_as_codes
 from .fake_quant import QuantizerHooks, attach_quantizers
-from .integer_arithmetic import attach_integer_arithmetic
+from .integer_arithmetic import IntegerArithmetic, attach_integer_arithmetic
 from .precision import TrainingPrecision
 
 #: ``train.arithmetic``: float32 products of grid values, or int8 products of their codes.
@@ -30,6 +31,10 @@ ARITHMETICS = ("fake", "int8")
 
 class _Removable(Protocol):
     def remove(self) -> None: ...
+
+
+class _Steppable(Protocol):
+    def step(self) -> object: ...
 
 
 @dataclass
@@ -41,6 +46,22 @@ class LowPrecisionLayers:
     arithmetic: str
     rerouted: list[_Removable] = field(default_factory=list)
     forward: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    integer: IntegerArithmetic | None = None
+
+    def optimizer_step(self, optimizer: _Steppable, park_weights: bool = True) -> None:
+        """``optimizer.step()`` on float32 weights; then, on the int8 path, the weights of the
+        layers that computed on integers are kept as int8 codes and steps only until the next
+        step (``IntegerArithmetic.park_weights``), unless ``park_weights`` is false (FedProx,
+        whose proximal term reads the float32 weights in every forward pass)."""
+        if self.integer is not None:
+            self.integer.unpark_weights()
+        optimizer.step()
+        if self.integer is not None and park_weights:
+            self.integer.park_weights()
+
+    def parked_weight_bytes(self) -> int:
+        """Bytes of the weights kept as codes (0 on the fake-quant path)."""
+        return 0 if self.integer is None else self.integer.parked_bytes()
 
     def remove(self) -> None:
         """Detach everything, restoring the model's own float32 forward pass."""
@@ -79,7 +100,8 @@ def attach_low_precision(
         return LowPrecisionLayers(quantizers, arithmetic)
     layers = LowPrecisionLayers(quantizers, arithmetic, forward=saved_as_codes)
     try:
-        layers.rerouted.append(attach_integer_arithmetic(model, precision))
+        layers.integer = attach_integer_arithmetic(model, precision)
+        layers.rerouted.append(layers.integer)
         layers.rerouted.append(attach_masked_relu(model))
     except BaseException:
         layers.remove()  # leave the model as it was given

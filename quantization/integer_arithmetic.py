@@ -47,6 +47,26 @@ class _Route:
         self.logged: set[str] = set()
         self.integer_calls = 0
         self.attached_codes = 0  # operands whose codes came with them (``grid_codes``)
+        self.last_call_integer = False  # whether the latest forward product ran on integers
+        self.parked: Codes | None = None  # the weight's codes while it is parked (below)
+
+    def park(self, weight: torch.Tensor) -> None:
+        """Keep ``weight`` (a parameter) as its codes only: its data becomes a zero-stride
+        placeholder of its shape, and ``parked`` holds the int8 codes and steps. Not done
+        for a weight off its grid (then it has no codes)."""
+        if self.parked is not None:
+            return
+        codes = codes_on_grid(weight.detach(), self.weight_fmt)
+        if codes is not None:
+            self.parked = codes
+            weight.data = torch.zeros((), dtype=weight.dtype).expand(weight.shape)
+
+    def unpark(self, weight: torch.Tensor) -> None:
+        """Give a parked ``weight`` its float32 values back: exactly the values it had, since
+        they were on the grid the codes describe."""
+        if self.parked is not None:
+            weight.data = self.parked.decode().reshape(weight.shape)
+            self.parked = None
 
     def fallback(self, reason: str) -> None:
         """Log that a product runs in float32, once per reason."""
@@ -158,8 +178,15 @@ def _integer_forward(route: _Route, module: nn.Conv2d | nn.Linear) -> Callable[.
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         x_codes = route.codes(x, route.activation_fmt, False, "input")
-        w_codes = route.codes(module.weight, route.weight_fmt, True, "weight") if x_codes else None
-        if x_codes is None or w_codes is None:
+        w_codes = None
+        if x_codes is None:
+            route.unpark(module.weight)  # the float32 route needs the values
+        elif route.parked is not None:
+            w_codes = route.parked
+        else:
+            w_codes = route.codes(module.weight, route.weight_fmt, True, "weight")
+        route.last_call_integer = x_codes is not None and w_codes is not None
+        if not route.last_call_integer:
             # float32 here (the first conv, on raw images): a channels-last input makes its
             # output channels-last, as the integer convs' outputs, so the model keeps one
             # memory order and elementwise ops stay on their vectorized paths. Only here:
@@ -187,16 +214,52 @@ def _layer_problem(module: nn.Conv2d | nn.Linear) -> str | None:
 
 
 class IntegerArithmetic(ReroutedModules):
-    """The layers ``attach_integer_arithmetic`` rerouted; ``remove()`` restores them."""
+    """The layers ``attach_integer_arithmetic`` rerouted; ``remove()`` restores them (with
+    their weights as float32 parameters).
+
+    Between training steps their weights can be kept as int8 codes and steps only
+    (``park_weights``, 1 byte a weight instead of 4): the integer products read the codes,
+    and ``unpark_weights`` decodes them back, exactly, for whatever needs float32 values (the
+    optimizer's step; a layer whose product falls back to float32 unparks its own).
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.routes: dict[str, _Route] = {}
+        self._layers: list[tuple[nn.Module, _Route]] = []
 
     def add(self, module: nn.Module, route: _Route, forward: Callable) -> None:
         """Route ``module``'s forward through ``forward``."""
         self.reroute(module, forward)
         self.routes[route.name] = route
+        self._layers.append((module, route))
+
+    @torch.no_grad()
+    def park_weights(self) -> None:
+        """Keep the weight of each layer whose latest product ran on integers as its codes."""
+        for module, route in self._layers:
+            if route.last_call_integer:
+                route.park(module.weight)
+
+    @torch.no_grad()
+    def unpark_weights(self) -> None:
+        """Every parked weight back as a float32 parameter (the same values)."""
+        for module, route in self._layers:
+            route.unpark(module.weight)
+
+    def parked_bytes(self) -> int:
+        """Bytes of the parked weights' codes and steps."""
+        return sum(
+            route.parked.codes.nbytes + route.parked.steps.nbytes
+            for _, route in self._layers
+            if route.parked is not None
+        )
+
+    def remove(self) -> None:
+        """Unpark every weight, then give every layer its own forward back."""
+        self.unpark_weights()
+        super().remove()
+        self._layers.clear()
 
 
 def attach_integer_arithmetic(model: nn.Module, precision: TrainingPrecision) -> IntegerArithmetic:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from quantization import BlockFloat, TrainingPrecision, attach_quantizers, quantize, quantize_
-from quantization.integer_arithmetic import attach_integer_arithmetic
+from quantization.integer_arithmetic import IntegerArithmetic, attach_integer_arithmetic
 from quantization.integer_ops import (
     codes_on_grid,
     int8_conv_problem,
@@ -219,6 +219,14 @@ def test_small_cnn_learns_mnist_on_the_integer_path_with_weights_on_their_grid(m
         return attached
 
     monkeypatch.setattr("quantization.attach.attach_integer_arithmetic", counting_attach)
+    parked_after_steps: list[int] = []
+    park = IntegerArithmetic.park_weights
+
+    def recording_park(self):
+        park(self)
+        parked_after_steps.append(self.parked_bytes())
+
+    monkeypatch.setattr(IntegerArithmetic, "park_weights", recording_park)
     result = train_local(
         model, optimizer, train, p, epochs=1, batch_size=32, generator=generator,
         device=torch.device("cpu"), arithmetic="int8",
@@ -232,6 +240,10 @@ def test_small_cnn_learns_mnist_on_the_integer_path_with_weights_on_their_grid(m
     assert calls["routes"]["features.3"].attached_codes == 2 * result.steps
     assert calls["routes"]["classifier"].attached_codes == result.steps  # its error
     assert all("forward" not in vars(m) for m in model.modules())  # detached after training
+    # between steps the integer layers' weights were codes only: int8 codes, a step a channel
+    integer_weights = [model.features[3].weight, model.classifier.weight]
+    codes_bytes = sum(w.numel() + 4 * w.shape[0] for w in integer_weights)
+    assert parked_after_steps == [codes_bytes] * result.steps
     for param in model.parameters():
         assert torch.equal(quantize(param.data, BlockFloat(8, "channel", "nearest")), param.data)
     _, accuracy = evaluate_model(model, test, 256, torch.device("cpu"))
@@ -379,3 +391,88 @@ def test_config_refuses_int8_arithmetic_on_weight_blocks_and_names_the_fix():
         {"overrides": "dataset=synthetic train.arithmetic=int8 quantization.weight_layout=channel"}
     )
     assert cfg.train.arithmetic == "int8"
+
+
+# ------------------------------------------------------------------ weights as codes between steps
+def _mlp_training(park: bool, steps: int = 3):
+    """``steps`` Adam steps of a small MLP on the int8 path (its first layer reads the raw
+    input, so it computes in float32; the second reads the quantized ReLU output, so on
+    integers), stepping through ``optimizer_step``; returns (model, layers, optimizer)."""
+    from quantization import LowPrecisionOptimizer, attach_low_precision
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5))
+    p, generator = precision(8), torch.Generator().manual_seed(4)
+    layers = attach_low_precision(model, p, generator, arithmetic="int8")
+    opt = LowPrecisionOptimizer.from_precision(
+        torch.optim.Adam(model.parameters(), lr=1e-2), p, generator
+    )
+    data = torch.Generator().manual_seed(5)
+    for _ in range(steps):
+        x, y = torch.randn(8, 12, generator=data), torch.randint(0, 5, (8,), generator=data)
+        opt.zero_grad()
+        with layers.forward():
+            nn.functional.cross_entropy(model(x), y).backward()
+        layers.optimizer_step(opt, park_weights=park)
+    return model, layers, opt
+
+
+@pytest.mark.usefixtures("int8_products_allowed")
+def test_integer_layers_keep_their_weights_as_codes_between_steps_and_train_the_same():
+    model, layers, _ = _mlp_training(park=True)
+    head = model[2].weight
+    assert head.untyped_storage().nbytes() == 4  # a placeholder: no float32 copy is kept
+    assert head.shape == (5, 16)
+    assert layers.parked_weight_bytes() == 5 * 16 + 5 * 4  # int8 codes, one step a channel
+    assert model[0].weight.untyped_storage().nbytes() == 16 * 12 * 4  # float32 route: float32
+    parked = layers.integer.routes["2"].parked
+    layers.remove()  # unparks
+    assert head.untyped_storage().nbytes() == 5 * 16 * 4
+    assert torch.equal(head, parked.decode())
+
+    reference, plain_layers, _ = _mlp_training(park=False)
+    assert plain_layers.parked_weight_bytes() == 0
+    plain_layers.remove()
+    for got, want in zip(model.state_dict().values(), reference.state_dict().values(), strict=True):
+        assert torch.equal(got, want)  # parking changes no number
+
+
+@pytest.mark.usefixtures("int8_products_allowed")
+def test_a_parked_weight_comes_back_when_its_layer_computes_in_float32():
+    model, layers, _ = _mlp_training(park=True)
+    head, route = model[2], layers.integer.routes["2"]
+    want = route.parked.decode()
+    x = torch.randn(3, 16)  # off the activation grid: the float32 route, which needs values
+    out = head(x)
+    assert route.parked is None and torch.equal(head.weight, want)
+    plain = nn.functional.linear(x, want, head.bias)  # out went through its 8-bit quantizer
+    torch.testing.assert_close(out, plain, rtol=0, atol=2 * float(plain.abs().max()) / 64)
+    layers.remove()
+
+
+@pytest.mark.usefixtures("int8_products_allowed")
+@pytest.mark.parametrize("proximal_mu", [0.0, 0.5])
+def test_train_local_on_integers_equals_fake_quantization_at_4_bits(proximal_mu):
+    """Where both paths are exact (4 bits), the ClientApp's loop trains the same model on
+    either, with weights parked as codes between steps, or (FedProx, whose drift term reads
+    the float32 weights) not parked."""
+    from lowprec_fl.federated_data.images import ImageData
+    from lowprec_fl.task.training import make_optimizer, train_local
+
+    data = torch.Generator().manual_seed(6)
+    images = torch.randint(0, 256, (48, 1, 4, 4), dtype=torch.uint8, generator=data)
+    labels = torch.randint(0, 3, (48,), generator=data)
+    train = ImageData(images, labels, (0.5,), (0.25,), 3)
+    models = {}
+    for arithmetic in ("fake", "int8"):
+        torch.manual_seed(7)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(16, 9), nn.ReLU(), nn.Linear(9, 3))
+        generator = torch.Generator().manual_seed(8)
+        optimizer = make_optimizer(model, "adam", 1e-2, precision(4), generator)
+        train_local(
+            model, optimizer, train, precision(4), epochs=2, batch_size=8, generator=generator,
+            device=torch.device("cpu"), proximal_mu=proximal_mu, arithmetic=arithmetic,
+        )  # fmt: skip
+        models[arithmetic] = model.state_dict()
+    for name, value in models["fake"].items():
+        assert torch.equal(models["int8"][name], value), name

@@ -70,7 +70,8 @@ def train_local(
 
     ``arithmetic="int8"`` runs conv and linear products as integer products (the same
     function; ``quantization.integer_arithmetic``) and keeps what backward needs as int8 codes
-    and ReLU masks (``quantization.compact_saved``); ``"fake"`` computes in float32.
+    and ReLU masks (``quantization.compact_saved``), and the weights of its integer layers as
+    int8 codes between steps; ``"fake"`` computes in float32.
     """
     model.train()
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
@@ -90,7 +91,8 @@ def train_local(
                     )
                     objective = loss + 0.5 * proximal_mu * drift
                 objective.backward()
-                optimizer.step()
+                # int8: weights stay int8 codes between steps, except under FedProx's drift
+                layers.optimizer_step(optimizer, park_weights=not global_params)
                 total_loss += loss.item() * len(labels)
                 seen += len(labels)
                 steps += 1

@@ -224,7 +224,7 @@ def training_memory_bytes(
             packed = pack(t)
             stored = packed if isinstance(packed, torch.Tensor) else packed.codes
             storage = stored.untyped_storage()
-            if count and storage.data_ptr() not in param_storages:
+            if count and storage.data_ptr() not in param_storages | parked_storages():
                 saved[storage.data_ptr()] = storage.nbytes()
             return packed
 
@@ -235,6 +235,10 @@ def training_memory_bytes(
             opt.step()
         else:
             layers.optimizer_step(opt)
+
+    def parked_storages() -> set[int]:  # counted as weights, not as what backward saved
+        parked = [] if layers is None or layers.integer is None else layers.integer.parked_tensors()
+        return {t.untyped_storage().data_ptr() for t in parked}
 
     def weight_bytes() -> int:  # a parked weight's storage is a 4-byte placeholder
         parked = 0 if layers is None else layers.parked_weight_bytes()

@@ -21,6 +21,8 @@ inexact.
 from __future__ import annotations
 
 import logging
+import math
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -48,24 +50,31 @@ class _Route:
         self.integer_calls = 0
         self.attached_codes = 0  # operands whose codes came with them (``grid_codes``)
         self.last_call_integer = False  # whether the latest forward product ran on integers
+        self.parkable = True  # False for a weight other modules use too (tied weights)
         self.parked: Codes | None = None  # the weight's codes while it is parked (below)
+        self._parked_strides: tuple[int, ...] = ()
 
     def park(self, weight: torch.Tensor) -> None:
         """Keep ``weight`` (a parameter) as its codes only: its data becomes a zero-stride
-        placeholder of its shape, and ``parked`` holds the int8 codes and steps. Not done
-        for a weight off its grid (then it has no codes)."""
-        if self.parked is not None:
+        placeholder of its shape holding NaN (so whatever reads a parked weight sees it at
+        once), and ``parked`` holds the int8 codes and steps. Not done for a weight off its
+        grid (it has no codes), nor one another module shares (it would read the NaN)."""
+        if self.parked is not None or not self.parkable:
             return
         codes = codes_on_grid(weight.detach(), self.weight_fmt)
         if codes is not None:
-            self.parked = codes
-            weight.data = torch.zeros((), dtype=weight.dtype).expand(weight.shape)
+            self.parked, self._parked_strides = codes, weight.stride()
+            weight.data = weight.new_full((), math.nan).expand(weight.shape)
 
     def unpark(self, weight: torch.Tensor) -> None:
-        """Give a parked ``weight`` its float32 values back: exactly the values it had, since
-        they were on the grid the codes describe."""
+        """Give a parked ``weight`` its float32 values back, in its memory layout: exactly
+        the values it had, since they were on the grid the codes describe."""
         if self.parked is not None:
-            weight.data = self.parked.decode().reshape(weight.shape)
+            values = self.parked.decode().reshape(weight.shape)
+            data = torch.empty_strided(
+                weight.shape, self._parked_strides, dtype=weight.dtype, device=weight.device
+            )
+            weight.data = data.copy_(values)
             self.parked = None
 
     def fallback(self, reason: str) -> None:
@@ -220,7 +229,10 @@ class IntegerArithmetic(ReroutedModules):
     Between training steps their weights can be kept as int8 codes and steps only
     (``park_weights``, 1 byte a weight instead of 4): the integer products read the codes,
     and ``unpark_weights`` decodes them back, exactly, for whatever needs float32 values (the
-    optimizer's step; a layer whose product falls back to float32 unparks its own).
+    optimizer's step; a layer whose product falls back to float32 unparks its own). A weight
+    that other modules share is never parked. Anything else that reads a parked weight
+    between steps (a loss term on the weights, as FedProx's, or a mid-training
+    ``state_dict()``) reads NaN: unpark first, or do not park.
     """
 
     def __init__(self) -> None:
@@ -247,13 +259,18 @@ class IntegerArithmetic(ReroutedModules):
         for module, route in self._layers:
             route.unpark(module.weight)
 
-    def parked_bytes(self) -> int:
-        """Bytes of the parked weights' codes and steps."""
-        return sum(
-            route.parked.codes.nbytes + route.parked.steps.nbytes
+    def parked_tensors(self) -> list[torch.Tensor]:
+        """The codes and steps tensors of the parked weights."""
+        return [
+            t
             for _, route in self._layers
             if route.parked is not None
-        )
+            for t in (route.parked.codes, route.parked.steps)
+        ]
+
+    def parked_bytes(self) -> int:
+        """Bytes of the parked weights' codes and steps."""
+        return sum(t.nbytes for t in self.parked_tensors())
 
     def remove(self) -> None:
         """Unpark every weight, then give every layer its own forward back."""
@@ -270,6 +287,7 @@ def attach_integer_arithmetic(model: nn.Module, precision: TrainingPrecision) ->
     route keep their float32 forward; each is logged once with the reason.
     """
     attached = IntegerArithmetic()
+    uses = Counter(id(p) for m in model.modules() for p in m._parameters.values() if p is not None)
     for name, module in model.named_modules():
         kind = type(module)
         if kind not in (nn.Conv2d, nn.Linear):
@@ -279,5 +297,6 @@ def attach_integer_arithmetic(model: nn.Module, precision: TrainingPrecision) ->
         if problem is not None:
             route.fallback(problem)
             continue
+        route.parkable = uses[id(module.weight)] == 1
         attached.add(module, route, _integer_forward(route, module))  # type: ignore[arg-type]
     return attached

@@ -3,6 +3,7 @@ editing Flower records."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,16 +70,17 @@ def preinstalled_apps(session_dir: Path) -> Path:
     from scripts.flwr_local import PROJECT_DIR, flwr_env
 
     home = session_dir / "preinstalled-flwr-home"
-    apps = home / "apps"
-    if apps.is_dir():
+    apps, complete = home / "apps", home / "complete"
+    if complete.exists():
         return apps
+    shutil.rmtree(home, ignore_errors=True)  # an earlier attempt that failed part way
     fab_dir = session_dir / "preinstalled-fab"
     fab_dir.mkdir(exist_ok=True)
     env = flwr_env(home)
 
     def run(command: list[str], cwd: Path, extra: dict[str, str] | None = None) -> None:
         done = subprocess.run(
-            command, cwd=cwd, env=env | (extra or {}), capture_output=True, text=True
+            command, cwd=cwd, env=env | (extra or {}), capture_output=True, text=True, timeout=900
         )
         assert done.returncode == 0, (command, done.stdout[-2000:], done.stderr[-2000:])
 
@@ -88,6 +90,7 @@ def preinstalled_apps(session_dir: Path) -> Path:
     # importing the apps compiles every kernel (cache=True writes them beside the sources)
     code = "import client_app.app, server_app.app"
     run([sys.executable, "-c", code], installed, {"PYTHONPATH": str(installed)})
+    complete.touch()
     return apps
 
 

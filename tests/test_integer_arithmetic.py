@@ -194,6 +194,19 @@ def test_weights_in_small_blocks_have_no_integer_product():
     assert integer_layout_problem(BlockFloat(8, "block", block_size=5), (2, 5), True) is None
 
 
+def record_parking(monkeypatch) -> list[int]:
+    """A list that gets ``parked_bytes()`` after every ``IntegerArithmetic.park_weights``."""
+    parked: list[int] = []
+    park = IntegerArithmetic.park_weights
+
+    def recording_park(self):
+        park(self)
+        parked.append(self.parked_bytes())
+
+    monkeypatch.setattr(IntegerArithmetic, "park_weights", recording_park)
+    return parked
+
+
 @needs_onednn
 def test_small_cnn_learns_mnist_on_the_integer_path_with_weights_on_their_grid(monkeypatch):
     from lowprec_fl.federated_data import load_image_data
@@ -219,14 +232,7 @@ def test_small_cnn_learns_mnist_on_the_integer_path_with_weights_on_their_grid(m
         return attached
 
     monkeypatch.setattr("quantization.attach.attach_integer_arithmetic", counting_attach)
-    parked_after_steps: list[int] = []
-    park = IntegerArithmetic.park_weights
-
-    def recording_park(self):
-        park(self)
-        parked_after_steps.append(self.parked_bytes())
-
-    monkeypatch.setattr(IntegerArithmetic, "park_weights", recording_park)
+    parked_after_steps = record_parking(monkeypatch)
     result = train_local(
         model, optimizer, train, p, epochs=1, batch_size=32, generator=generator,
         device=torch.device("cpu"), arithmetic="int8",
@@ -422,7 +428,7 @@ def test_integer_layers_keep_their_weights_as_codes_between_steps_and_train_the_
     model, layers, _ = _mlp_training(park=True)
     head = model[2].weight
     assert head.untyped_storage().nbytes() == 4  # a placeholder: no float32 copy is kept
-    assert head.shape == (5, 16)
+    assert head.shape == (5, 16) and torch.isnan(head).all()  # a read would show at once
     assert layers.parked_weight_bytes() == 5 * 16 + 5 * 4  # int8 codes, one step a channel
     assert model[0].weight.untyped_storage().nbytes() == 16 * 12 * 4  # float32 route: float32
     parked = layers.integer.routes["2"].parked
@@ -452,7 +458,7 @@ def test_a_parked_weight_comes_back_when_its_layer_computes_in_float32():
 
 @pytest.mark.usefixtures("int8_products_allowed")
 @pytest.mark.parametrize("proximal_mu", [0.0, 0.5])
-def test_train_local_on_integers_equals_fake_quantization_at_4_bits(proximal_mu):
+def test_train_local_on_integers_equals_fake_quantization_at_4_bits(monkeypatch, proximal_mu):
     """Where both paths are exact (4 bits), the ClientApp's loop trains the same model on
     either, with weights parked as codes between steps, or (FedProx, whose drift term reads
     the float32 weights) not parked."""
@@ -463,7 +469,7 @@ def test_train_local_on_integers_equals_fake_quantization_at_4_bits(proximal_mu)
     images = torch.randint(0, 256, (48, 1, 4, 4), dtype=torch.uint8, generator=data)
     labels = torch.randint(0, 3, (48,), generator=data)
     train = ImageData(images, labels, (0.5,), (0.25,), 3)
-    models = {}
+    models, parked = {}, record_parking(monkeypatch)
     for arithmetic in ("fake", "int8"):
         torch.manual_seed(7)
         model = nn.Sequential(nn.Flatten(), nn.Linear(16, 9), nn.ReLU(), nn.Linear(9, 3))
@@ -476,3 +482,57 @@ def test_train_local_on_integers_equals_fake_quantization_at_4_bits(proximal_mu)
         models[arithmetic] = model.state_dict()
     for name, value in models["fake"].items():
         assert torch.equal(models["int8"][name], value), name
+    steps = 2 * 48 // 8
+    # the second layer's weight (9 -> 3) was parked after every step, except under FedProx
+    assert parked == ([] if proximal_mu else [3 * 9 + 3 * 4] * steps)
+
+
+@pytest.mark.usefixtures("int8_products_allowed")
+def test_a_weight_other_modules_share_is_never_parked():
+    from quantization import LowPrecisionOptimizer, attach_low_precision
+
+    def train(park: bool):
+        torch.manual_seed(9)
+        a, b = nn.Linear(6, 6), nn.Linear(6, 6)
+        b.weight = a.weight  # tied
+        model = nn.Sequential(a, nn.ReLU(), b, nn.ReLU(), nn.Linear(6, 2))
+        p, generator = precision(8), torch.Generator().manual_seed(4)
+        layers = attach_low_precision(model, p, generator, arithmetic="int8")
+        opt = LowPrecisionOptimizer.from_precision(
+            torch.optim.Adam(model.parameters(), lr=1e-2), p, generator
+        )
+        for step in range(3):
+            x = torch.randn(5, 6, generator=torch.Generator().manual_seed(step))
+            opt.zero_grad()
+            with layers.forward():
+                model(x).square().mean().backward()
+            layers.optimizer_step(opt, park_weights=park)
+        parked = layers.parked_weight_bytes()
+        assert layers.integer.routes["2"].integer_calls == 3  # the tied layer ran on integers
+        layers.remove()
+        return model.state_dict(), parked
+
+    got, parked = train(park=True)
+    want, _ = train(park=False)
+    assert parked == 2 * 6 + 2 * 4  # the head's weight only: 12 codes and 2 steps
+    for name, value in want.items():
+        assert torch.equal(got[name], value), name
+
+
+def test_a_parked_weight_reads_nan_and_unparks_in_its_memory_layout():
+    from quantization.integer_arithmetic import _Route
+
+    p = precision(8)
+    conv = nn.Conv2d(3, 4, 3)
+    weight = conv.weight
+    with torch.no_grad():
+        weight.data = weight.data.contiguous(memory_format=torch.channels_last)
+        quantize_(weight.data, p.weight)
+    before = weight.detach().clone()
+    route = _Route("conv", p)
+    route.park(weight)
+    assert route.parked is not None and weight.untyped_storage().nbytes() == 4
+    assert weight.shape == before.shape and torch.isnan(weight).all()
+    route.unpark(weight)
+    assert torch.equal(weight, before)
+    assert weight.is_contiguous(memory_format=torch.channels_last)

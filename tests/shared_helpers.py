@@ -117,7 +117,9 @@ def real_flwr_run(
     code = run_simulation(
         run_config=f"{run_config} output-dir='{out}'",
         num_supernodes=num_supernodes,
-        flwr_home=private_flwr_home(tmp_path),
+        # another app (an example) imports this project's kernels from the installed package,
+        # whose compiled kernels persist: it gains nothing from this project pre-installed
+        flwr_home=private_flwr_home(tmp_path) if app_dir is None else tmp_path / "flwr_home",
         timeout=timeout,
         log_path=log,
         app_dir=app_dir,

@@ -65,15 +65,23 @@ _float_bits = _bitcast(types.float32, types.int32)
 _bits_to_float = _bitcast(types.int32, types.float32)
 
 
+#: Float bits read as uint32 above this are negative and nonzero (-0.0 is exactly this).
+_NEGATIVE_ZERO_BITS = np.uint32(0x80000000)
+
+
 @njit(inline="always")
 def _block_max(seg):
-    """(largest magnitude's float bits, smallest value) of a slice: two plain reductions."""
+    """(largest magnitude's float bits, largest float bits read as uint32) of a slice: two
+    integer reductions, which vectorize (a float ``min`` does not without fast-math: 0.75
+    against 0.19 ns a value on a Zen 3). The second exceeds ``_NEGATIVE_ZERO_BITS`` exactly
+    when the slice holds a negative nonzero value, NaN and inf aside."""
     largest = np.int32(0)
-    smallest = _F32(np.inf)
+    as_unsigned = np.uint32(0)
     for j in range(seg.size):
-        largest = max(largest, _float_bits(seg[j]) & np.int32(0x7FFFFFFF))
-        smallest = min(smallest, seg[j])
-    return largest, smallest
+        bits = _float_bits(seg[j])
+        largest = max(largest, bits & np.int32(0x7FFFFFFF))
+        as_unsigned = max(as_unsigned, np.uint32(bits))
+    return largest, as_unsigned
 
 
 @njit(inline="always")
@@ -141,10 +149,10 @@ def _encode_range(x, block, values, table, signed, stochastic, k1, k2, bits, cod
         stop = min(n, start + block)
         seg = x[start:stop]
         m = seg.size
-        largest, smallest = _block_max(seg)
+        largest, as_unsigned = _block_max(seg)
         if largest >= np.int32(0x7F800000):  # NaN or inf
             return STATE_NOT_FINITE
-        if not signed and smallest < 0:
+        if not signed and as_unsigned > _NEGATIVE_ZERO_BITS:  # a value below zero
             return STATE_NEGATIVE
         s = _bits_to_float(largest)
         scales[b] = s

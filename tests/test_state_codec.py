@@ -150,9 +150,18 @@ def test_bad_formats_say_what_is_wrong(kwargs, error):
         StateFormat(**kwargs)
 
 
-def test_an_unsigned_format_refuses_negative_values():
-    with pytest.raises(ValueError, match="nonnegative"):
-        quantize_state(torch.tensor([-1.0, 2.0]), second_moment_format(8))
+@pytest.mark.parametrize("backend", ["kernel", "torch"])
+def test_an_unsigned_format_refuses_negative_values_but_takes_negative_zero(backend):
+    from quantization.quantizer import torch_backend
+
+    fmt = second_moment_format(8)
+    with torch_backend() if backend == "torch" else contextlib.nullcontext():
+        for negative in (-1.0, -1e-45):  # the smallest subnormal too
+            with pytest.raises(ValueError, match="nonnegative"):
+                quantize_state(torch.tensor([2.0] * 300 + [negative]), fmt)
+        zero = quantize_state(torch.tensor([2.0] * 300 + [-0.0]), fmt)  # -0.0 is not below 0
+        plus = quantize_state(torch.tensor([2.0] * 300 + [0.0]), fmt)
+    assert torch.equal(zero.decode(), plus.decode())
 
 
 # ----------------------------------------------------------------------------- in the optimizer

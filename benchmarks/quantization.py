@@ -219,12 +219,13 @@ def training_memory_bytes(
 
     def step(count: bool) -> None:
         opt.zero_grad()
+        not_saved = param_storages | parked_storages()  # weights, counted as weights
 
         def counting_pack(t: torch.Tensor) -> object:
             packed = pack(t)
             stored = packed if isinstance(packed, torch.Tensor) else packed.codes
             storage = stored.untyped_storage()
-            if count and storage.data_ptr() not in param_storages | parked_storages():
+            if count and storage.data_ptr() not in not_saved:
                 saved[storage.data_ptr()] = storage.nbytes()
             return packed
 
@@ -236,7 +237,7 @@ def training_memory_bytes(
         else:
             layers.optimizer_step(opt)
 
-    def parked_storages() -> set[int]:  # counted as weights, not as what backward saved
+    def parked_storages() -> set[int]:  # the parked weights' codes and steps
         parked = [] if layers is None or layers.integer is None else layers.integer.parked_tensors()
         return {t.untyped_storage().data_ptr() for t in parked}
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from deploy.compose import host_command, host_environment, load_services
 from lowprec_fl.federated_data import resolve_data_root
 from lowprec_fl.protocol import NUM_PARTITIONS_KEY, PARTITION_KEY
-from scripts.flwr_local import PROJECT_DIR, flwr_env
+from scripts.flwr_local import PROJECT_DIR, flwr_env, link_installed_apps
 from scripts.processes import terminate
 
 TAG_VARIABLE = "LOWPREC_DEPLOY_TAG"
@@ -190,8 +190,8 @@ class LoopbackDeployment:
         cwd = self.workdir / name
         cwd.mkdir(parents=True, exist_ok=True)
         home.mkdir(parents=True, exist_ok=True)
-        if self.apps_dir is not None and not (home / "apps").exists():
-            (home / "apps").symlink_to(Path(self.apps_dir).resolve(), target_is_directory=True)
+        if self.apps_dir is not None:
+            link_installed_apps(home, self.apps_dir)
         log_path = self.workdir / f"{name}.log"
         with log_path.open("wb") as log:
             popen = subprocess.Popen(

@@ -43,6 +43,16 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
     return env
 
 
+def link_installed_apps(flwr_home: Path, apps_dir: Path) -> None:
+    """Make ``flwr_home/apps`` (where Flower installs the apps it runs) a link to
+    ``apps_dir``, unless the home already has an ``apps/``: an app installed there counts as
+    installed in this home, with what it keeps beside its sources (numba's compiled kernels).
+    """
+    apps = flwr_home / "apps"
+    if not apps.exists():
+        apps.symlink_to(Path(apps_dir).resolve(), target_is_directory=True)
+
+
 def superlink_pids(flwr_home: Path) -> list[int]:
     """PIDs of SuperLink/SuperExec processes that belong to ``flwr_home`` (by command line)."""
     return [pid for pid, _ in cmdline_pids("flower-super", str(flwr_home.resolve()))]

@@ -98,11 +98,11 @@ def private_flwr_home(tmp_path: Path, home: Path | None = None) -> Path:
     """A fresh FLWR_HOME (``home``, default ``tmp_path/flwr_home``; ``tmp_path`` a test's
     fixture) whose ``apps/`` is the session's ``preinstalled_apps``. Everything else in it
     (the SuperLink's database, the connection) is the test's own."""
+    from scripts.flwr_local import link_installed_apps
+
     home = home or tmp_path / "flwr_home"
     home.mkdir(parents=True, exist_ok=True)
-    if not (home / "apps").exists():
-        apps = preinstalled_apps(tmp_path.parent)
-        (home / "apps").symlink_to(apps, target_is_directory=True)
+    link_installed_apps(home, preinstalled_apps(tmp_path.parent))
     return home
 
 

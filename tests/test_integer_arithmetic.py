@@ -400,14 +400,20 @@ def test_config_refuses_int8_arithmetic_on_weight_blocks_and_names_the_fix():
 
 
 # ------------------------------------------------------------------ weights as codes between steps
-def _mlp_training(park: bool, steps: int = 3):
-    """``steps`` Adam steps of a small MLP on the int8 path (its first layer reads the raw
-    input, so it computes in float32; the second reads the quantized ReLU output, so on
-    integers), stepping through ``optimizer_step``; returns (model, layers, optimizer)."""
+def _small_mlp() -> nn.Sequential:
+    """Its first layer reads the raw input, so it computes in float32; the second reads the
+    quantized ReLU output, so on integers."""
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5))
+
+
+def _mlp_training(park: bool, model: nn.Sequential | None = None, steps: int = 3):
+    """``steps`` Adam steps of a Linear/ReLU ``model`` (default ``_small_mlp()``) on the int8
+    path, stepping through ``optimizer_step``; returns (model, layers, optimizer)."""
     from quantization import LowPrecisionOptimizer, attach_low_precision
 
-    torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5))
+    model = model if model is not None else _small_mlp()
+    features, classes = model[0].in_features, model[-1].out_features
     p, generator = precision(8), torch.Generator().manual_seed(4)
     layers = attach_low_precision(model, p, generator, arithmetic="int8")
     opt = LowPrecisionOptimizer.from_precision(
@@ -415,7 +421,8 @@ def _mlp_training(park: bool, steps: int = 3):
     )
     data = torch.Generator().manual_seed(5)
     for _ in range(steps):
-        x, y = torch.randn(8, 12, generator=data), torch.randint(0, 5, (8,), generator=data)
+        x = torch.randn(8, features, generator=data)
+        y = torch.randint(0, classes, (8,), generator=data)
         opt.zero_grad()
         with layers.forward():
             nn.functional.cross_entropy(model(x), y).backward()
@@ -489,24 +496,12 @@ def test_train_local_on_integers_equals_fake_quantization_at_4_bits(monkeypatch,
 
 @pytest.mark.usefixtures("int8_products_allowed")
 def test_a_weight_other_modules_share_is_never_parked():
-    from quantization import LowPrecisionOptimizer, attach_low_precision
-
     def train(park: bool):
         torch.manual_seed(9)
         a, b = nn.Linear(6, 6), nn.Linear(6, 6)
         b.weight = a.weight  # tied
         model = nn.Sequential(a, nn.ReLU(), b, nn.ReLU(), nn.Linear(6, 2))
-        p, generator = precision(8), torch.Generator().manual_seed(4)
-        layers = attach_low_precision(model, p, generator, arithmetic="int8")
-        opt = LowPrecisionOptimizer.from_precision(
-            torch.optim.Adam(model.parameters(), lr=1e-2), p, generator
-        )
-        for step in range(3):
-            x = torch.randn(5, 6, generator=torch.Generator().manual_seed(step))
-            opt.zero_grad()
-            with layers.forward():
-                model(x).square().mean().backward()
-            layers.optimizer_step(opt, park_weights=park)
+        _, layers, _ = _mlp_training(park, model)
         parked = layers.parked_weight_bytes()
         assert layers.integer.routes["2"].integer_calls == 3  # the tied layer ran on integers
         layers.remove()

@@ -20,9 +20,15 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from .compact_saved import attach_masked_relu, saved_as_codes
+from .compact_saved import (
+    attach_masked_relu,
+    attach_shape_only_pooling,
+    relus_of,
+    saved_as_codes,
+)
 from .fake_quant import QuantizerHooks, attach_quantizers
 from .integer_arithmetic import IntegerArithmetic, attach_integer_arithmetic
+from .norm_from_codes import attach_group_norm_from_codes
 from .precision import TrainingPrecision
 
 #: ``train.arithmetic``: float32 products of grid values, or int8 products of their codes.
@@ -92,17 +98,20 @@ def attach_low_precision(
     """
     if arithmetic not in ARITHMETICS:
         raise ValueError(f"unknown arithmetic {arithmetic!r}: use one of {ARITHMETICS}")
-    integer = arithmetic == "int8"
-    quantizers = attach_quantizers(
-        model, precision.activation, precision.error, generator, keep_codes=integer
-    )
-    if not integer:
+    if arithmetic == "fake":
+        quantizers = attach_quantizers(model, precision.activation, precision.error, generator)
         return LowPrecisionLayers(quantizers, arithmetic)
+    relus = relus_of(model)  # they quantize their own outputs, saving bit masks
+    quantizers = attach_quantizers(
+        model, precision.activation, precision.error, generator, keep_codes=True, skip=relus
+    )
     layers = LowPrecisionLayers(quantizers, arithmetic, forward=saved_as_codes)
     try:
         layers.integer = attach_integer_arithmetic(model, precision)
         layers.rerouted.append(layers.integer)
-        layers.rerouted.append(attach_masked_relu(model))
+        layers.rerouted.append(attach_masked_relu(model, quantizers.quantizer))
+        layers.rerouted.append(attach_shape_only_pooling(model))
+        layers.rerouted.append(attach_group_norm_from_codes(model))
     except BaseException:
         layers.remove()  # leave the model as it was given
         raise

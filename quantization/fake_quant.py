@@ -42,15 +42,21 @@ class _QuantizeForwardBackward(torch.autograd.Function):
         ctx.backward_fmt = backward_fmt
         ctx.generator = generator
         ctx.memory_format = memory_format_of(x)
-        ctx.quantize = quantize_with_codes if keep_codes else quantize
-        return ctx.quantize(x, forward_fmt, generator)
+        ctx.keep_codes = keep_codes
+        if keep_codes:
+            return quantize_with_codes(x, forward_fmt, generator)
+        return quantize(x, forward_fmt, generator)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         # the error in the activation's own memory order: elementwise backward ops that meet
         # two orders (saved activation, incoming error) fall off their vectorized paths
         grad = grad.contiguous(memory_format=ctx.memory_format)
-        return ctx.quantize(grad, ctx.backward_fmt, ctx.generator), None, None, None, None
+        if ctx.keep_codes:  # only an integer layer's backward reads an error's codes
+            error = quantize_with_codes(grad, ctx.backward_fmt, ctx.generator, lazy=True)
+        else:
+            error = quantize(grad, ctx.backward_fmt, ctx.generator)
+        return error, None, None, None, None
 
 
 def quantize_flow(
@@ -116,6 +122,7 @@ def attach_quantizers(
     error: BlockFloat,
     generator: torch.Generator | None = None,
     keep_codes: bool = False,
+    skip: Iterable[nn.Module] = (),
 ) -> QuantizerHooks:
     """Make ``model`` train with quantized activations and errors, without rewriting it.
 
@@ -123,7 +130,8 @@ def attach_quantizers(
     model's own output (as the reference code places its quantizers); the same points quantize
     the errors flowing back. Works on any ``nn.Module``, torchvision models included.
     ``keep_codes``: hand the integer codes to the layers ``attach_integer_arithmetic`` reroutes
-    (the same values; it saves them re-deriving the codes).
+    (the same values; it saves them re-deriving the codes). ``skip``: modules that quantize
+    their own outputs with the returned ``quantizer`` (``compact_saved.attach_masked_relu``).
     """
     quantizer = Quantizer(activation, error, generator, keep_codes)
 
@@ -135,4 +143,6 @@ def attach_quantizers(
     targets = [m for m in model.modules() if isinstance(m, QUANTIZED_OUTPUT_TYPES)]
     if model not in targets:
         targets.append(model)
+    skipped = {id(m) for m in skip}
+    targets = [m for m in targets if id(m) not in skipped]
     return QuantizerHooks((m.register_forward_hook(hook) for m in targets), quantizer)

@@ -209,7 +209,8 @@ def training_memory_bytes(
     autograd saved for backward at the end of the forward pass (distinct storages, parameters
     excluded; ``compact``: as ``saved_as_codes`` packs them); and ``peak``, the most bytes of
     CPU tensors alive at any point of the step, temporaries included: what the step held when
-    it began (weights, last step's gradients, state) plus its largest allocation growth.
+    it began (weights and state: the last step's gradients are dropped by ``zero_grad``
+    before it) plus its largest allocation growth.
     With ``layers``, the optimizer steps through ``layers.optimizer_step`` (int8: weights kept
     as codes between steps, counted as their codes and steps)."""
     params = list(model.parameters())
@@ -218,7 +219,6 @@ def training_memory_bytes(
     pack, unpack = (pack_saved, unpack_saved) if compact else (lambda t: t, lambda t: t)
 
     def step(count: bool) -> None:
-        opt.zero_grad()
         not_saved = param_storages | parked_storages()  # weights, counted as weights
 
         def counting_pack(t: torch.Tensor) -> object:
@@ -245,7 +245,11 @@ def training_memory_bytes(
         parked = 0 if layers is None else layers.parked_weight_bytes()
         return sum(p.untyped_storage().nbytes() for p in params) + parked
 
+    opt.zero_grad()
     step(count=False)  # the optimizer state exists from here on
+    # the gradients are freed here, not inside the profiled step, where the profiler would
+    # miss the release of memory allocated before it started and count them twice
+    opt.zero_grad()
     held_before = (
         weight_bytes()
         + sum(p.grad.nbytes for p in params if p.grad is not None)

@@ -463,23 +463,20 @@ def test_a_parked_weight_comes_back_when_its_layer_computes_in_float32():
     layers.remove()
 
 
-@pytest.mark.usefixtures("int8_products_allowed")
-@pytest.mark.parametrize("proximal_mu", [0.0, 0.5])
-def test_train_local_on_integers_equals_fake_quantization_at_4_bits(monkeypatch, proximal_mu):
-    """Where both paths are exact (4 bits), the ClientApp's loop trains the same model on
-    either, with weights parked as codes between steps, or (FedProx, whose drift term reads
-    the float32 weights) not parked."""
+def _train_local_both_ways(make_model, image_side: int, proximal_mu: float = 0.0):
+    """The state dicts ``train_local`` trains at 4 bits on either arithmetic."""
     from lowprec_fl.federated_data.images import ImageData
     from lowprec_fl.task.training import make_optimizer, train_local
 
     data = torch.Generator().manual_seed(6)
-    images = torch.randint(0, 256, (48, 1, 4, 4), dtype=torch.uint8, generator=data)
+    side = (48, 1, image_side, image_side)
+    images = torch.randint(0, 256, side, dtype=torch.uint8, generator=data)
     labels = torch.randint(0, 3, (48,), generator=data)
     train = ImageData(images, labels, (0.5,), (0.25,), 3)
-    models, parked = {}, record_parking(monkeypatch)
+    models = {}
     for arithmetic in ("fake", "int8"):
         torch.manual_seed(7)
-        model = nn.Sequential(nn.Flatten(), nn.Linear(16, 9), nn.ReLU(), nn.Linear(9, 3))
+        model = make_model()
         generator = torch.Generator().manual_seed(8)
         optimizer = make_optimizer(model, "adam", 1e-2, precision(4), generator)
         train_local(
@@ -487,11 +484,41 @@ def test_train_local_on_integers_equals_fake_quantization_at_4_bits(monkeypatch,
             device=torch.device("cpu"), proximal_mu=proximal_mu, arithmetic=arithmetic,
         )  # fmt: skip
         models[arithmetic] = model.state_dict()
+    return models
+
+
+@pytest.mark.usefixtures("int8_products_allowed")
+@pytest.mark.parametrize("proximal_mu", [0.0, 0.5])
+def test_train_local_on_integers_equals_fake_quantization_at_4_bits(monkeypatch, proximal_mu):
+    """Where both paths are exact (4 bits), the ClientApp's loop trains the same model on
+    either, with weights parked as codes between steps, or (FedProx, whose drift term reads
+    the float32 weights) not parked."""
+    parked = record_parking(monkeypatch)
+    models = _train_local_both_ways(
+        lambda: nn.Sequential(nn.Flatten(), nn.Linear(16, 9), nn.ReLU(), nn.Linear(9, 3)),
+        image_side=4,
+        proximal_mu=proximal_mu,
+    )
     for name, value in models["fake"].items():
         assert torch.equal(models["int8"][name], value), name
     steps = 2 * 48 // 8
     # the second layer's weight (9 -> 3) was parked after every step, except under FedProx
     assert parked == ([] if proximal_mu else [3 * 9 + 3 * 4] * steps)
+
+
+@pytest.mark.usefixtures("int8_products_allowed")
+def test_train_local_through_relu_bit_masks_and_shape_only_pooling_equals_fake_quantization():
+    """conv -> ReLU (bit mask, quantizer fused in) -> AvgPool2d (shape only) -> conv: the
+    int8 path's memory-lean backward computes what the fake-quant path does, at 4 bits."""
+
+    def make_model() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2),
+                             nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(5 * 3 * 3, 3))  # fmt: skip
+
+    models = _train_local_both_ways(make_model, image_side=6)
+    for name, value in models["fake"].items():
+        assert torch.equal(models["int8"][name], value), name
 
 
 @pytest.mark.usefixtures("int8_products_allowed")
